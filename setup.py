@@ -1,0 +1,36 @@
+"""gradwire: compression of neural gradients across model-parallel boundaries.
+
+The native kernels in csrc/ are compiled on first use by ``gradwire._build`` (cached under
+``~/.cache/gradwire`` or ``$GRADWIRE_BUILD_DIR``). Set ``GRADWIRE_BUILD_EXT=1`` at install time to
+compile the CPU extension ahead of time instead.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="gradwire",
+    version="0.1.0",
+    description="Compress neural gradients crossing pipeline and tensor-parallel boundaries",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["gradwire", "gradwire.*"]),
+    install_requires=[
+        # torch is installed first, for your platform (see README); any 2.4+ build works.
+        "torch>=2.4",
+        "numpy>=1.24",
+        "scipy>=1.10",
+        "deepspeed>=0.14",
+        "mpi4py>=4.0",
+        "mpich>=4.1",  # an MPI runtime (mpirun) that installs from PyPI
+        "tqdm>=4.60",
+        "matplotlib>=3.7",
+        "ninja>=1.11",  # torch.utils.cpp_extension builds with ninja
+    ],
+    extras_require={
+        "dev": [
+            "pytest>=8",
+            "hypothesis>=6.100",
+            "scikit-learn>=1.3",  # the digits data set used by tests and benchmarks (ships with it)
+        ],
+    },
+)
