@@ -29,6 +29,7 @@ setup(
     extras_require={
         "dev": [
             "pytest>=8",
+            "pytest-timeout>=2.2",  # a hung collective fails its test instead of the CI run
             "hypothesis>=6.100",
             "scikit-learn>=1.3",  # the digits data set used by tests and benchmarks (ships with it)
         ],
