@@ -76,3 +76,33 @@ class Codec(ABC):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
         return f"{type(self).__name__}({args})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers shared by the codecs (input checks and the decode dtype), kept here so every codec
+# reports bad input with the same words.
+
+def check_input(x: Any, what: str) -> torch.Tensor:
+    """Validate an ``encode`` input: a float32/bfloat16/float16 tensor of at most 16 dims.
+
+    Empty and 0-d tensors are valid (they round-trip to an empty / 0-d tensor). Non-finite
+    entries are data, not errors: every codec delivers them non-finite (DESIGN.md).
+    """
+    from gradwire.codec.header import DTYPE_CODES, MAX_NDIM
+
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what}.encode expects a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in DTYPE_CODES:
+        raise TypeError(f"{what}.encode accepts float32, bfloat16 or float16 tensors, got {x.dtype}")
+    if x.dim() > MAX_NDIM:
+        raise ValueError(f"{what}.encode accepts at most {MAX_NDIM} dimensions, got {x.dim()}")
+    return x.detach()
+
+
+def decode_dtype(dtype: torch.dtype | None, src: torch.dtype) -> torch.dtype:
+    """The dtype ``decode`` returns: ``dtype`` if given (must be floating point), else the source's."""
+    if dtype is None:
+        return src
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"decode dtype must be a floating-point torch.dtype, got {dtype!r}")
+    return dtype
