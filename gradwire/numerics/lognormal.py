@@ -1,0 +1,450 @@
+"""Lognormal statistics of neural gradients and the analytic measures built on them.
+
+Paper 001 (Chmiel et al., ICLR 2021, "Neural gradients are near-lognormal") models |g| as
+lognormal. This module provides:
+
+* one-pass, additive moment statistics and the lognormal fit (``moment_stats``, ``fit_lognormal``);
+* Kolmogorov-Smirnov distances to a normal and to a lognormal fit (paper Table 1);
+* Eq. (4), the expected relative error of the idealised n-bit FP format of Eq. (2), with the
+  mantissa term re-derived (see ``eq4_expected_error``), and the optimal exponent/mantissa split
+  (Table 2);
+* Eq. (8), the expected sparsity of stochastic pruning (Eq. 5) at threshold alpha, its inverse,
+  the cosine similarity of stochastic pruning, and a heterogeneous per-layer sparsity allocation.
+
+Units (docs/architecture.md): ``*_log2`` are statistics of log2|g| (Eq. 2-4), ``*_ln`` of ln|g|
+(Eq. 5-8). Statistics cover the finite nonzero entries; zeros and non-finite entries are counted
+separately. Scalar analytics use float64 numpy/scipy; tensor passes use torch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from scipy.optimize import brentq
+from scipy.special import log_ndtr, ndtr, ndtri
+
+from gradwire.numerics.rng import random_u32
+
+STATS_LEN = 5
+LN2 = math.log(2.0)
+_CHUNK = 1 << 22  # elements per pass in moment_stats: bounds the float64 temporaries (32 MiB)
+KS_MAX_SAMPLES = 200_000
+KS_SEED = 0x5EED
+
+
+# --------------------------------------------------------------------------- fitting
+
+
+def _check_float_tensor(x: torch.Tensor, name: str = "x") -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must have a floating dtype (float16/bfloat16/float32/float64), got {x.dtype}")
+
+
+def moment_stats(x: torch.Tensor) -> torch.Tensor:
+    """Additive statistics of log2|x|: float64 ``[n_finite_nonzero, sum_log2, sum_log2_sq,
+    n_zero, n_nonfinite]``.
+
+    log2 is taken in float32 (bf16/fp16 upcast exactly; float64 input stays float64), the sums
+    accumulate in float64, in chunks so the temporaries stay small. An empty tensor gives all
+    zeros, the identity of ``merge_stats``. Raises TypeError for non-floating dtypes.
+    """
+    _check_float_tensor(x)
+    flat = x.detach().reshape(-1)
+    if flat.dtype in (torch.float16, torch.bfloat16):
+        flat = flat.float()
+    out = torch.zeros(STATS_LEN, dtype=torch.float64)
+    for start in range(0, flat.numel(), _CHUNK):
+        a = flat[start:start + _CHUNK].abs()
+        lg = torch.log2(a)  # -inf at 0, +inf at inf, nan at nan: isfinite() = finite nonzero
+        finite = torch.isfinite(lg)
+        n_fin = int(finite.sum())
+        n_zero = int((a == 0).sum())
+        lg = torch.where(finite, lg, 0.0).to(torch.float64)
+        out += torch.tensor([n_fin, lg.sum().item(), torch.dot(lg, lg).item(), n_zero,
+                             a.numel() - n_fin - n_zero], dtype=torch.float64)
+    return out
+
+
+def merge_stats(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Combine the statistics of two disjoint pieces (chunks, ranks): they are plain sums."""
+    _check_stats(a)
+    _check_stats(b)
+    return a.to(torch.float64) + b.to(torch.float64)
+
+
+def _check_stats(stats: torch.Tensor) -> None:
+    if not isinstance(stats, torch.Tensor) or stats.shape != (STATS_LEN,):
+        raise ValueError(f"stats must be a tensor of shape ({STATS_LEN},), got "
+                         f"{getattr(stats, 'shape', type(stats).__name__)}")
+    if not stats.dtype.is_floating_point:
+        raise TypeError(f"stats must be floating (float64), got {stats.dtype}")
+    s = stats.tolist()
+    if not all(math.isfinite(v) for v in s) or min(s[0], s[2], s[3], s[4]) < 0:
+        raise ValueError(f"stats are not valid moment statistics: {s}")
+
+
+@dataclass(frozen=True)
+class LognormalFit:
+    """Fit of |g| ~ 2**N(mu_log2, sigma_log2**2) over the finite nonzero entries.
+
+    ``zero_fraction`` = exact zeros / numel (numel counts every element, non-finite included).
+    With no finite nonzero entry (all zeros or all non-finite) mu and sigma are NaN and
+    ``usable`` is False: callers must check it before using mu/sigma.
+    """
+
+    mu_log2: float
+    sigma_log2: float
+    zero_fraction: float
+    nonfinite_count: int
+    numel: int
+
+    @property
+    def mu_ln(self) -> float:
+        """Mean of ln|g| (Eq. 5-8 units): log2 units times ln 2."""
+        return self.mu_log2 * LN2
+
+    @property
+    def sigma_ln(self) -> float:
+        """Standard deviation of ln|g|."""
+        return self.sigma_log2 * LN2
+
+    @property
+    def usable(self) -> bool:
+        """True when at least one finite nonzero entry was seen (mu/sigma are finite numbers)."""
+        return math.isfinite(self.mu_log2) and math.isfinite(self.sigma_log2)
+
+
+def fit_from_stats(stats: torch.Tensor) -> LognormalFit:
+    """Lognormal fit from ``moment_stats`` (maximum likelihood: population variance, ddof=0).
+
+    Variance = E[l^2] - E[l]^2 in float64, clamped at 0: fine unless |mu| / sigma > ~1e6.
+    Raises ValueError when the statistics describe zero elements.
+    """
+    _check_stats(stats)
+    n, s1, s2, nz, nnf = stats.tolist()
+    numel = n + nz + nnf
+    if numel == 0:
+        raise ValueError("cannot fit an empty tensor (statistics of zero elements)")
+    if n > 0:
+        mu = s1 / n
+        sigma = math.sqrt(max(s2 / n - mu * mu, 0.0))
+    else:
+        mu = sigma = math.nan
+    return LognormalFit(mu, sigma, nz / numel, int(nnf), int(numel))
+
+
+def fit_lognormal(x: torch.Tensor) -> LognormalFit:
+    """Fit a tensor: TypeError on non-floating dtype, ValueError on an empty tensor."""
+    _check_float_tensor(x)
+    if x.numel() == 0:
+        raise ValueError("cannot fit an empty tensor")
+    return fit_from_stats(moment_stats(x))
+
+
+# --------------------------------------------------------------------------- KS distances
+
+
+def _finite_nonzero_sample(x: torch.Tensor, max_samples: int, seed: int) -> np.ndarray:
+    """Finite nonzero values of x as float64 numpy; a deterministic subsample (with
+    replacement, counter-based hash indices) when there are more than ``max_samples``."""
+    _check_float_tensor(x)
+    v = x.detach().reshape(-1).to(torch.float64)
+    v = v[torch.isfinite(v) & (v != 0)]
+    if v.numel() < 2:
+        raise ValueError(f"need at least 2 finite nonzero values for a KS distance, got {v.numel()}")
+    if v.numel() > max_samples:
+        idx = (random_u32(seed, torch.arange(max_samples, dtype=torch.int64)) * v.numel()) >> 32
+        v = v[idx]
+    return v.numpy()
+
+
+def _ks_vs_fitted_normal(values: np.ndarray) -> float:
+    """sup |F_n - Phi((v - mean)/std)| with the mean and std fitted to ``values``."""
+    v = np.sort(values)
+    std = v.std()
+    if std == 0:
+        return 1.0 - 1.0 / v.size  # a point mass vs a normal: the jump at the mean is everything
+    cdf = ndtr((v - v.mean()) / std)
+    n = v.size
+    upper = np.arange(1, n + 1) / n - cdf
+    lower = cdf - np.arange(0, n) / n
+    return float(max(upper.max(), lower.max()))
+
+
+def ks_distance_normal(x: torch.Tensor, *, max_samples: int = KS_MAX_SAMPLES, seed: int = KS_SEED) -> float:
+    """KS distance of the signed finite nonzero values g to a normal with their mean and std.
+
+    Zeros are excluded here too (ReLU zeros are a point mass that neither model describes),
+    as in paper 001, Table 1.
+    """
+    return _ks_vs_fitted_normal(_finite_nonzero_sample(x, max_samples, seed))
+
+
+def ks_distance_lognormal(x: torch.Tensor, *, max_samples: int = KS_MAX_SAMPLES, seed: int = KS_SEED) -> float:
+    """KS distance of |g| (finite nonzero) to a fitted lognormal = that of log|g| to a fitted
+    normal (KS is invariant under the monotone map log)."""
+    return _ks_vs_fitted_normal(np.log(np.abs(_finite_nonzero_sample(x, max_samples, seed))))
+
+
+# --------------------------------------------------------------------------- Eq. (4): FP format error
+
+
+def _check_format(exp_bits: int, man_bits: int, sigma_log2: float) -> None:
+    if not isinstance(exp_bits, int) or exp_bits < 1 or exp_bits > 11:
+        raise ValueError(f"exp_bits must be an int in [1, 11], got {exp_bits!r}")
+    if not isinstance(man_bits, int) or man_bits < 0 or man_bits > 52:
+        raise ValueError(f"man_bits must be an int in [0, 52], got {man_bits!r}")
+    if not (math.isfinite(sigma_log2) and sigma_log2 > 0):
+        raise ValueError(f"sigma_log2 must be finite and > 0, got {sigma_log2!r}")
+
+
+def mantissa_error_exact(man_bits: int) -> float:
+    """E[|M_q - M| / M] for M log-uniform on [1, 2) (density 1/(M ln 2)), round to nearest on
+    the grid 1 + k 2^-n1, k = 0..2^n1 (M_q = 2 is the next binade's 1.0).
+
+    Sum over grid cells of integral |M - g| / M^2 dM / ln 2, per cell [a, b] around g:
+    int_a^g (g-M)/M^2 = r - log1p(r), r = (g-a)/a;  int_g^b (M-g)/M^2 = log1p(s) - s/(1+s),
+    s = (b-g)/g. For n1 > 16 the NOTES' uniform-error value 1/(8 ln2 2^n1) is used (it is
+    exact up to O(2^-2n1)). n1 = 0: 0.16993 vs the approximation's 0.18034.
+    """
+    if man_bits > 16:
+        return 1.0 / (8.0 * LN2 * 2.0**man_bits)
+    d = 2.0**-man_bits
+    g = 1.0 + d * np.arange(2**man_bits + 1)
+    a = np.maximum(g - d / 2, 1.0)
+    b = np.minimum(g + d / 2, 2.0)
+    r = (g - a) / a
+    s = (b - g) / g
+    return float(np.sum(r - np.log1p(r)) + np.sum(np.log1p(s) - s / (1 + s))) / LN2
+
+
+def mantissa_error_notes(man_bits: int) -> float:
+    """The NOTES-ON-SEEDS correction of Eq. (4)'s first term: uniform rounding error D/4 times
+    E[1/M] = 1/(2 ln 2), i.e. 1 / (8 ln2 2^n1). An approximation (6% high at n1 = 0)."""
+    return 1.0 / (8.0 * LN2 * 2.0**man_bits)
+
+
+def _eq4(exp_bits: int, man_bits: int, sigma_log2: float, mantissa: Callable[[int], float]) -> float:
+    _check_format(exp_bits, man_bits, sigma_log2)
+    emax = 2.0 ** (exp_bits - 1)
+    k = emax / sigma_log2
+    # Regions by log2 x (mu = 0, i.e. after scaling): normal binades -Emax <= log2 x < Emax
+    # (E = floor(log2 x) in [-Emax, Emax-1]), saturation at 2^Emax for log2 x >= Emax, flush to
+    # zero below -Emax (relative error 1). Paper 001, Eq. (2)-(4) and App. A.4.
+    p_mid = 2.0 * ndtr(k) - 1.0
+    p_tail = ndtr(-k)
+    # E[2^Emax / x ; x > 2^Emax] = 2^Emax e^{(sigma ln2)^2/2} (1 - Phi(k + sigma ln2)), in logs
+    # because the exponential overflows for large sigma.
+    sl = sigma_log2 * LN2
+    sat_ratio = math.exp(emax * LN2 + 0.5 * sl * sl + float(log_ndtr(-(k + sl))))
+    return p_mid * mantissa(man_bits) + (p_tail - sat_ratio) + p_tail
+
+
+def eq4_expected_error(exp_bits: int, man_bits: int, sigma_log2: float) -> float:
+    """Expected relative error E|x_q - x| / x of the Eq. (2) format for log2 x ~ N(0, sigma^2).
+
+    Eq. (4) of paper 001 with its damaged first term replaced by the exact mantissa term
+    (``mantissa_error_exact``); the other terms are the paper's (saturation and flush).
+    Checked against a Monte Carlo of the same format in tests/unit/test_lognormal.py.
+    """
+    return _eq4(exp_bits, man_bits, sigma_log2, mantissa_error_exact)
+
+
+def eq4_expected_error_notes(exp_bits: int, man_bits: int, sigma_log2: float) -> float:
+    """Eq. (4) with the NOTES-ON-SEEDS mantissa term 1/(8 ln2 2^n1), kept for comparison."""
+    return _eq4(exp_bits, man_bits, sigma_log2, mantissa_error_notes)
+
+
+def optimal_split(bits: int, sigma_log2: float, *, error: Callable[[int, int, float], float] = eq4_expected_error
+                  ) -> tuple[int, int]:
+    """(exp_bits, man_bits) with 1 + exp_bits + man_bits = bits minimising ``error`` (Eq. 4).
+
+    exp_bits ranges over 1..bits-1 (at least one exponent bit). Reproduces paper 001 Table 2.
+    """
+    if not isinstance(bits, int) or bits < 2 or bits > 12:
+        raise ValueError(f"bits must be an int in [2, 12], got {bits!r}")
+    splits = [(e, bits - 1 - e) for e in range(1, bits)]
+    return min(splits, key=lambda em: error(em[0], em[1], sigma_log2))
+
+
+# --------------------------------------------------------------------------- Eq. (8): stochastic pruning
+
+
+def _check_lognormal(mu_ln: float, sigma_ln: float) -> None:
+    if not math.isfinite(mu_ln):
+        raise ValueError(f"mu_ln must be finite, got {mu_ln!r}")
+    if not (math.isfinite(sigma_ln) and sigma_ln >= 0):
+        raise ValueError(f"sigma_ln must be finite and >= 0, got {sigma_ln!r}")
+
+
+def _check_alpha(alpha: float) -> None:
+    if not (math.isfinite(alpha) and alpha >= 0):
+        raise ValueError(f"alpha must be finite and >= 0, got {alpha!r}")
+
+
+_DEGENERATE_SIGMA = 1e-9  # below this, |g| is treated as the constant e^mu
+
+
+def _sparsity_t(t: float, sigma: float) -> float:
+    """Eq. (8) in the standardised threshold t = (ln alpha - mu) / sigma:
+    S = Phi(t) - e^{sigma^2/2 - sigma t} Phi(t - sigma) = Phi(t) (1 - e^d), with
+    d = log E[|g|/alpha | |g| < alpha] <= 0 formed in log space (log_ndtr) so that nothing
+    overflows and -expm1 keeps the small difference accurate."""
+    lp = float(log_ndtr(t))
+    d = 0.5 * sigma * sigma - sigma * t + float(log_ndtr(t - sigma)) - lp
+    return math.exp(lp) * -math.expm1(min(d, 0.0))
+
+
+def pruning_sparsity(alpha: float, mu_ln: float, sigma_ln: float) -> float:
+    """Expected fraction of zeros after stochastic pruning (Eq. 5) of |g| ~ Lognormal(mu, sigma)
+    (ln units) at threshold alpha: P(|g| < alpha) - E[|g|/alpha ; |g| < alpha] (Eq. 8)."""
+    _check_alpha(alpha)
+    _check_lognormal(mu_ln, sigma_ln)
+    if alpha == 0:
+        return 0.0
+    if sigma_ln < _DEGENERATE_SIGMA:  # |g| = c: zero with probability 1 - c/alpha when alpha > c
+        return max(0.0, -math.expm1(mu_ln - math.log(alpha)))
+    return _sparsity_t((math.log(alpha) - mu_ln) / sigma_ln, sigma_ln)
+
+
+_T_LO, _T_HI = -40.0, 200.0  # bracket for t; S(-40) ~ 1e-350 and S(200) = 1 - ~e^{-200 sigma}
+
+
+def pruning_threshold(sparsity: float, mu_ln: float, sigma_ln: float) -> float:
+    """Threshold alpha at which stochastic pruning of Lognormal(mu_ln, sigma_ln) gives the
+    expected ``sparsity`` (inverse of Eq. 8): brentq on t = (ln alpha - mu) / sigma, where
+    S is strictly increasing. Tested for mu in [-20, 5], sigma in [0.5, 6], S in [0.05, 0.99]."""
+    _check_lognormal(mu_ln, sigma_ln)
+    if not (0.0 < sparsity < 1.0):
+        raise ValueError(f"sparsity must be in (0, 1), got {sparsity!r}")
+    if sigma_ln < _DEGENERATE_SIGMA:
+        return math.exp(mu_ln) / (1.0 - sparsity)
+    t = brentq(lambda u: _sparsity_t(u, sigma_ln) - sparsity, _T_LO, _T_HI, xtol=1e-13, rtol=1e-15, maxiter=200)
+    return math.exp(mu_ln + sigma_ln * t)
+
+
+def pruning_threshold_for(fit: LognormalFit, sparsity: float) -> float:
+    """Threshold for a fitted tensor whose exact zeros already count towards ``sparsity``:
+    solve for S' = (S - z) / (1 - z) among the nonzeros; S <= z gives 0.0 (nothing to prune).
+
+    Raises ValueError when ``sparsity`` is outside [0, 1) or the fit is not usable while
+    pruning is still needed.
+    """
+    if not (0.0 <= sparsity < 1.0):
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
+    z = fit.zero_fraction
+    if sparsity <= z:
+        return 0.0
+    if not fit.usable:
+        raise ValueError("the fit has no finite nonzero entries (fit.usable is False)")
+    return pruning_threshold((sparsity - z) / (1.0 - z), fit.mu_ln, fit.sigma_ln)
+
+
+def _log_phi_diff(hi: float, lo: float) -> float:
+    """log(Phi(hi) - Phi(lo)) for hi > lo, without cancellation in the tails."""
+    if lo > 0:  # both in the upper tail: use the mirrored lower tail
+        hi, lo = -lo, -hi
+    a, b = float(log_ndtr(hi)), float(log_ndtr(lo))
+    return a + math.log(-math.expm1(b - a)) if b < a else -math.inf
+
+
+def _cosine_t(t: float, sigma: float, z_max: float = math.inf) -> float:
+    """cos^2 = E[g^2] / E[g_hat^2] with E[g_hat^2] = E[g^2 ; |g| >= a] + a E[|g| ; |g| < a]
+    (NOTES, App. A.9), for ln|g| = mu + sigma Z, Z truncated to Z <= z_max. Dividing through by
+    e^{2mu + 2 sigma^2}: cos^-2 = [Phi(z_max - 2s) - Phi(t - 2s) + e^{s t - 3 s^2 / 2} Phi(t - s)]
+    / Phi(z_max - 2s); for t >= z_max every value lies below alpha."""
+    log_num = float(log_ndtr(z_max - 2 * sigma))
+    kept = math.exp(_log_phi_diff(z_max - 2 * sigma, t - 2 * sigma) - log_num) if t < z_max else 0.0
+    # alpha = e^{mu + sigma t} keeps the uncapped t; only the integration limit is capped.
+    pruned = math.exp(sigma * t - 1.5 * sigma * sigma + float(log_ndtr(min(t, z_max) - sigma)) - log_num)
+    return 1.0 / math.sqrt(kept + pruned)
+
+
+def pruning_cosine(alpha: float, mu_ln: float, sigma_ln: float, *, upper_quantile: float | None = None) -> float:
+    """Expected cosine similarity between g and its stochastic pruning at threshold alpha,
+    sqrt(E[g^2] / E[g_hat^2]) (unbiased pruning: E[g g_hat] = E[g^2]; NOTES, App. A.9).
+
+    ``upper_quantile`` (e.g. 0.999) truncates the lognormal above that quantile, as the
+    authors do: the untruncated E[g^2] is dominated by a tail no finite tensor samples.
+    """
+    _check_alpha(alpha)
+    _check_lognormal(mu_ln, sigma_ln)
+    z_max = math.inf
+    if upper_quantile is not None:
+        if not 0.5 < upper_quantile < 1.0:
+            raise ValueError(f"upper_quantile must be in (0.5, 1), got {upper_quantile!r}")
+        z_max = float(ndtri(upper_quantile))
+    if alpha == 0:
+        return 1.0
+    if sigma_ln < _DEGENERATE_SIGMA:  # |g| = c: cos^2 = c / alpha for alpha > c
+        return math.sqrt(min(1.0, math.exp(mu_ln - math.log(alpha))))
+    return _cosine_t((math.log(alpha) - mu_ln) / sigma_ln, sigma_ln, z_max)
+
+
+# --------------------------------------------------------------------------- heterogeneous sparsity
+
+_MAX_LAYER_SPARSITY = 0.999  # per-layer cap among nonzeros: keep every layer's signal alive
+
+
+def _layer_sparsity_at_cosine(fit: LognormalFit, cos: float) -> float:
+    """Overall sparsity (zeros included) of a layer pruned to cosine ``cos``; capped."""
+    z = fit.zero_fraction
+    if not fit.usable:
+        return 1.0 if z >= 1.0 else z  # nothing prunable (all zero or all non-finite)
+    s = fit.sigma_ln
+    if s < _DEGENERATE_SIGMA:  # cos^2 = c/alpha = 1 - S
+        inner = 1.0 - cos * cos
+    else:
+        target = math.log(cos)
+        if math.log(_cosine_t(_T_LO, s)) <= target:
+            inner = 0.0
+        else:
+            t = brentq(lambda u: math.log(_cosine_t(u, s)) - target, _T_LO, _T_HI, xtol=1e-13, rtol=1e-15)
+            inner = _sparsity_t(t, s)
+    return z + (1.0 - z) * min(inner, _MAX_LAYER_SPARSITY)
+
+
+def allocate_sparsity(fits: Sequence[LognormalFit], numels: Sequence[int], budget: float, *,
+                      min_cosine: float | None = None) -> list[float]:
+    """Per-layer sparsities with element-weighted mean ``budget`` that equalise the expected
+    pruning cosine (``pruning_cosine``) across layers (paper 001 Sec. 5.3 / App. A.9: layers
+    whose cosine would drop most get lower sparsity; for a lognormal that is the layers with
+    the smaller sigma, whose energy is not concentrated in a few large entries).
+
+    Bisection (brentq) on the common cosine c: each layer's sparsity at cosine c is increasing
+    as c falls. Exact zeros count towards a layer's sparsity and cannot be undone, and a layer
+    prunes at most 99.9% of its nonzeros: a budget outside what those allow raises ValueError,
+    as does a common cosine below ``min_cosine`` (the budget is too aggressive for it).
+    """
+    fits, numels = list(fits), [int(n) for n in numels]
+    if not fits or len(fits) != len(numels):
+        raise ValueError("fits and numels must be non-empty and of equal length")
+    if any(n <= 0 for n in numels):
+        raise ValueError("numels must be positive")
+    if not 0.0 <= budget < 1.0:
+        raise ValueError(f"budget must be in [0, 1), got {budget!r}")
+    total = float(sum(numels))
+
+    def mean_at(c: float) -> float:
+        return sum(n * _layer_sparsity_at_cosine(f, c) for f, n in zip(fits, numels)) / total
+
+    lo_mean, hi_mean = mean_at(1.0), mean_at(1e-300)
+    if budget < lo_mean - 1e-12 or budget > hi_mean + 1e-12:
+        raise ValueError(f"budget {budget} is outside the feasible range [{lo_mean:.6f}, {hi_mean:.6f}] "
+                         "(exact zeros already present / 99.9% per-layer cap)")
+    if budget <= lo_mean:
+        c = 1.0
+    elif budget >= hi_mean:
+        c = 1e-300
+    else:
+        # bisect on u = -log(c): the cosine falls over many decades as layers approach the cap
+        u = brentq(lambda v: mean_at(math.exp(-v)) - budget, 0.0, 690.0, xtol=1e-15, rtol=1e-15, maxiter=500)
+        c = math.exp(-u)
+    if min_cosine is not None and c < min_cosine:
+        raise ValueError(f"budget {budget} needs a common cosine {c:.4f} below min_cosine {min_cosine}")
+    return [_layer_sparsity_at_cosine(f, c) for f in fits]
