@@ -1,0 +1,3 @@
+"""Models and data for the main job: a small GPT-style decoder that splits into pipeline stages
+(``gpt``), an embedded synthetic language with an exactly known entropy floor (``synthetic``), and
+a single-process pipeline that compresses every stage boundary in-process (``inprocess``)."""
