@@ -1,0 +1,195 @@
+"""Compressed collectives: two-phase all-reduce, reduce-scatter and all-gather of packets.
+
+Packed bytes are never reduced by a reduction collective (DESIGN.md): every rank decodes the
+packets it receives to float32 and sums them itself, in rank order 0..p-1 so that the sum is
+reproducible. All packet exchanges go through ``all_to_all_single`` with per-rank split sizes,
+which gloo and NCCL both support with unequal sizes (gloo's ``all_gather`` needs equal sizes),
+so nothing is padded and the bytes on the wire are exactly the packet sizes.
+
+Two-phase all-reduce of N elements over p ranks (packed ratio r = packet bytes / raw bytes):
+
+1. split the flat tensor into p chunks; encode chunk j and send it to rank j (all_to_all);
+2. rank j decodes the p packets of chunk j, sums them in float32 in rank order, re-encodes
+   the sum once and sends that single packet to every rank (all-gather);
+3. every rank decodes the p gathered packets, its own included, so all ranks end with
+   bit-identical results.
+
+Each rank sends (p-1) chunk packets in each phase: 2 (p-1)/p * r * N bytes of the raw size.
+Seeds: phase 1 chunk j on rank i uses ``derive_seed(seed, 1, i, j)``, phase 2 on rank j uses
+``derive_seed(seed, 2, j)``, so stochastic rounding is independent across ranks and chunks.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+from gradwire.codec.base import Codec
+from gradwire.comm.errors import CommError, comm_guard
+from gradwire.numerics.rng import derive_seed
+
+
+def _ensure_checked(codec: Codec, group, device) -> None:
+    """Config handshake on the first collective of this codec config on this group."""
+    from gradwire.comm.handshake import check_group
+
+    check_group(codec, group, device)
+
+
+def exchange_packets(packets: Sequence[torch.Tensor], group=None, *, sizes_known:
+                     Sequence[int] | None = None) -> list[torch.Tensor]:
+    """All-to-all of byte strings: ``packets[j]`` goes to rank j; returns what each rank sent us.
+
+    ``sizes_known``: the sizes we will receive, when the protocol fixes them (fixed-rate codecs);
+    otherwise the sizes are exchanged first (one int64 per pair).
+    """
+    p = dist.get_world_size(group)
+    if len(packets) != p:
+        raise ValueError(f"need one packet per rank ({p}), got {len(packets)}")
+    device = packets[0].device
+    send_sizes = [int(t.numel()) for t in packets]
+    if sizes_known is None:
+        s_in = torch.tensor(send_sizes, dtype=torch.int64, device=device)
+        s_out = torch.empty(p, dtype=torch.int64, device=device)
+        with comm_guard("all_to_all of packet sizes"):
+            dist.all_to_all_single(s_out, s_in, group=group)
+        recv_sizes = [int(v) for v in s_out.tolist()]
+    else:
+        recv_sizes = [int(v) for v in sizes_known]
+    out = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=device)
+    inp = torch.cat([t.reshape(-1) for t in packets]) if packets else out[:0]
+    with comm_guard(f"all_to_all of packets ({sum(send_sizes)} bytes out)"):
+        dist.all_to_all_single(out, inp, output_split_sizes=recv_sizes,
+                               input_split_sizes=send_sizes, group=group)
+    return list(torch.split(out, recv_sizes))
+
+
+def all_gather_bytes(data: torch.Tensor, group=None, *, sizes_known: Sequence[int] | None = None
+                     ) -> list[torch.Tensor]:
+    """All-gather of one byte string per rank, of possibly unequal sizes, without padding."""
+    p = dist.get_world_size(group)
+    return exchange_packets([data] * p, group, sizes_known=sizes_known)
+
+
+def chunk_bounds(n: int, p: int, align: int = 1) -> list[tuple[int, int]]:
+    """Split ``n`` elements into ``p`` contiguous chunks, each a multiple of ``align`` long
+    except possibly the last non-empty one (block codecs need whole blocks per chunk)."""
+    c = math.ceil(n / (p * align)) * align if n else 0
+    return [(min(i * c, n), min((i + 1) * c, n)) for i in range(p)]
+
+
+def _sent(sizes: Sequence[int], me: int) -> int:
+    return sum(s for j, s in enumerate(sizes) if j != me)
+
+
+def _size_bytes(codec: Codec, p: int, phases: int = 1) -> int:
+    """The int64 sizes a variable-size codec exchanges before its packets, per phase."""
+    return 0 if codec.fixed_rate else phases * 8 * (p - 1)
+
+
+def _check_input(t: torch.Tensor, what: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{what}: expected a tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{what}: expected a floating-point tensor, got {t.dtype}")
+
+
+def _encode(codec: Codec, x: torch.Tensor, seed: int, fit) -> torch.Tensor:
+    # An empty chunk (n < p) is an empty packet: nothing to encode, nothing to send.
+    return x.new_empty(0, dtype=torch.uint8) if x.numel() == 0 else codec.encode(x, seed=seed, fit=fit)
+
+
+def _expected(codec: Codec, shapes: Sequence[Sequence[int]], dtype) -> list[int] | None:
+    if not codec.fixed_rate:
+        return None
+    return [0 if math.prod(s) == 0 else codec.packed_size(tuple(s), dtype) for s in shapes]
+
+
+def _decode_sum(codec: Codec, packets: Sequence[torch.Tensor], shape, device) -> torch.Tensor:
+    """float32 sum of the decoded packets, in rank order (the reproducible reduction)."""
+    acc = torch.zeros(shape, dtype=torch.float32, device=device)
+    for r, pk in enumerate(packets):
+        if pk.numel() == 0:
+            continue
+        part = codec.decode(pk, dtype=torch.float32)
+        if tuple(part.shape) != tuple(shape):
+            raise CommError(f"rank {r} sent a chunk of shape {tuple(part.shape)}, expected {tuple(shape)}")
+        acc += part
+    return acc
+
+
+def compressed_all_reduce(tensor: torch.Tensor, codec: Codec, *, group=None, seed: int = 0,
+                          fit: Any = None, align: int = 1, check_config: bool = True,
+                          trace: dict | None = None) -> torch.Tensor:
+    """Sum ``tensor`` over the ranks of ``group`` with compressed packets (two-phase, above).
+
+    Returns a new tensor of ``tensor``'s shape and dtype, bit-identical on every rank. ``trace``,
+    if given, receives ``phase1_recv`` / ``phase2_recv`` (the packets this rank decoded),
+    ``bytes_sent`` and ``raw_bytes`` (what a plain ring all-reduce would send per rank:
+    2 (p-1)/p * N * itemsize).
+    """
+    _check_input(tensor, "compressed_all_reduce")
+    p, me = dist.get_world_size(group), dist.get_rank(group)
+    if check_config:
+        _ensure_checked(codec, group, tensor.device)
+    flat = tensor.detach().reshape(-1)
+    bounds = chunk_bounds(flat.numel(), p, align)
+    shapes = [(b - a,) for a, b in bounds]
+    out1 = [_encode(codec, flat[a:b], derive_seed(seed, 1, me, j), fit) for j, (a, b) in enumerate(bounds)]
+    recv_sizes = None if not codec.fixed_rate else [_expected(codec, [shapes[me]], tensor.dtype)[0]] * p
+    got1 = exchange_packets(out1, group, sizes_known=recv_sizes)
+    a, b = bounds[me]
+    mine = _decode_sum(codec, got1, shapes[me], tensor.device).to(tensor.dtype)
+    pk2 = _encode(codec, mine, derive_seed(seed, 2, me), fit)
+    got2 = all_gather_bytes(pk2, group, sizes_known=_expected(codec, shapes, tensor.dtype))
+    parts = [codec.decode(pk, dtype=tensor.dtype) if pk.numel() else flat.new_empty(0) for pk in got2]
+    result = torch.cat([q.reshape(-1) for q in parts]).reshape(tensor.shape)
+    if trace is not None:
+        trace.update(phase1_recv=got1, phase2_recv=got2,
+                     bytes_sent=_sent([t.numel() for t in out1], me) + (p - 1) * pk2.numel()
+                     + _size_bytes(codec, p, phases=2),
+                     raw_bytes=2 * (p - 1) * math.ceil(flat.numel() / p) * tensor.element_size())
+    return result
+
+
+def compressed_reduce_scatter(tensor: torch.Tensor, codec: Codec, *, group=None, seed: int = 0,
+                              fit: Any = None, check_config: bool = True,
+                              trace: dict | None = None) -> torch.Tensor:
+    """Sum over ranks and scatter along dim 0 (sequence parallelism): ``tensor`` has shape
+    ``[p*k, ...]``; rank j returns the float32 rank-ordered sum of the decoded j-th slices, in
+    ``tensor.dtype``, of shape ``[k, ...]``. One phase: (p-1)/p * r * N bytes sent per rank."""
+    _check_input(tensor, "compressed_reduce_scatter")
+    p, me = dist.get_world_size(group), dist.get_rank(group)
+    if tensor.dim() == 0 or tensor.shape[0] % p:
+        raise ValueError(f"reduce-scatter needs dim 0 divisible by the world size {p}, "
+                         f"got shape {tuple(tensor.shape)}")
+    if check_config:
+        _ensure_checked(codec, group, tensor.device)
+    slices = list(tensor.detach().chunk(p, dim=0))
+    outp = [_encode(codec, s.contiguous(), derive_seed(seed, 1, me, j), fit) for j, s in enumerate(slices)]
+    got = exchange_packets(outp, group, sizes_known=_expected(codec, [slices[me].shape] * p, tensor.dtype))
+    result = _decode_sum(codec, got, slices[me].shape, tensor.device).to(tensor.dtype)
+    if trace is not None:
+        trace.update(recv=got, bytes_sent=_sent([t.numel() for t in outp], me) + _size_bytes(codec, p),
+                     raw_bytes=(p - 1) * slices[me].numel() * tensor.element_size())
+    return result
+
+
+def compressed_all_gather(tensor: torch.Tensor, codec: Codec, *, group=None, seed: int = 0,
+                          fit: Any = None, check_config: bool = True,
+                          trace: dict | None = None) -> torch.Tensor:
+    """Concatenate every rank's ``tensor`` along dim 0, through packets. Every rank, the sender
+    included, decodes the same packets, so the result is bit-identical on all ranks."""
+    _check_input(tensor, "compressed_all_gather")
+    p, me = dist.get_world_size(group), dist.get_rank(group)
+    if check_config:
+        _ensure_checked(codec, group, tensor.device)
+    pk = _encode(codec, tensor.detach().contiguous(), derive_seed(seed, 3, me), fit)
+    got = all_gather_bytes(pk, group, sizes_known=_expected(codec, [tensor.shape] * p, tensor.dtype))
+    parts = [codec.decode(g, dtype=tensor.dtype) for g in got]
+    if trace is not None:
+        trace.update(recv=got, bytes_sent=(p - 1) * pk.numel() + _size_bytes(codec, p),
+                     raw_bytes=(p - 1) * tensor.numel() * tensor.element_size())
+    return torch.cat(parts, dim=0)

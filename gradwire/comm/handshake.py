@@ -1,0 +1,116 @@
+"""Config fingerprints, exchanged once per link or group so that a misconfigured rank fails at
+its first exchange with a message naming both configurations (instead of decoding garbage or
+failing later with a shape error).
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from gradwire.codec.base import Codec
+from gradwire.comm.errors import ConfigMismatchError, comm_guard
+
+
+def _wire_version() -> Any:
+    """The packet-format version of the installed codec package, when it declares one."""
+    try:
+        from gradwire.codec import header
+    except ImportError:  # codec package not installed yet: the codec config alone decides
+        return None
+    for name in ("FORMAT_VERSION", "VERSION", "WIRE_VERSION"):
+        if hasattr(header, name):
+            return getattr(header, name)
+    return None
+
+
+def codec_fingerprint(codec: Codec) -> str:
+    """Canonical JSON of everything two ends must agree on: codec name, id, config, wire version.
+
+    A codec may also carry ``format_version`` (a per-codec packet layout version)."""
+    desc = {
+        "codec": codec.name,
+        "codec_id": codec.codec_id,
+        "config": codec.config(),
+        "format_version": getattr(codec, "format_version", None),
+        "wire_version": _wire_version(),
+    }
+    return json.dumps(desc, sort_keys=True, default=str)
+
+
+def _to_bytes(s: str, device: torch.device) -> torch.Tensor:
+    return torch.tensor(list(s.encode("utf-8")), dtype=torch.uint8, device=device)
+
+
+def _from_bytes(t: torch.Tensor) -> str:
+    return bytes(t.cpu().tolist()).decode("utf-8")
+
+
+def exchange_with_peer(fingerprint: str, peer: int, group, device: torch.device) -> str:
+    """Swap fingerprints with one peer (both sides call this). Returns the peer's fingerprint.
+
+    The lower rank sends first and the higher rank receives first, so blocking gloo sends
+    cannot deadlock. Lengths go first because the two strings may differ in size."""
+    me = dist.get_rank(group)
+    mine = _to_bytes(fingerprint, device)
+    n_mine = torch.tensor([mine.numel()], dtype=torch.int64, device=device)
+    n_peer = torch.empty(1, dtype=torch.int64, device=device)
+    gpeer = peer if group is None else dist.get_global_rank(group, peer)
+    with comm_guard(f"config handshake with rank {peer}"):
+        if me < peer:
+            dist.send(n_mine, gpeer, group=group)
+            dist.send(mine, gpeer, group=group)
+            dist.recv(n_peer, gpeer, group=group)
+            theirs = torch.empty(int(n_peer.item()), dtype=torch.uint8, device=device)
+            dist.recv(theirs, gpeer, group=group)
+        else:
+            dist.recv(n_peer, gpeer, group=group)
+            theirs = torch.empty(int(n_peer.item()), dtype=torch.uint8, device=device)
+            dist.recv(theirs, gpeer, group=group)
+            dist.send(n_mine, gpeer, group=group)
+            dist.send(mine, gpeer, group=group)
+    return _from_bytes(theirs)
+
+
+def check_peer(codec: Codec, peer: int, group=None, device: torch.device | str = "cpu") -> None:
+    """Raise ``ConfigMismatchError`` (on both ranks) if ``peer`` runs a different codec config."""
+    mine = codec_fingerprint(codec)
+    theirs = exchange_with_peer(mine, peer, group, torch.device(device))
+    if theirs != mine:
+        me = dist.get_rank(group)
+        raise ConfigMismatchError(
+            f"codec config mismatch between rank {me} and rank {peer}: "
+            f"rank {me} has {mine}; rank {peer} has {theirs}"
+        )
+
+
+_CHECKED: set[tuple[int, str]] = set()  # (group id, fingerprint) pairs already verified
+
+
+def check_group(codec: Codec, group=None, device: torch.device | str = "cpu", *,
+                force: bool = False) -> None:
+    """Raise ``ConfigMismatchError`` on every rank of ``group`` unless all fingerprints agree.
+
+    Collective: every rank must call it. Done once per (group, config) unless ``force``; the
+    collectives call it at their first use, so this is the "first exchange" check."""
+    from gradwire.comm.collectives import all_gather_bytes  # late: collectives imports us
+
+    mine = codec_fingerprint(codec)
+    key = (id(group), mine)
+    if key in _CHECKED and not force:
+        return
+    with comm_guard("config handshake (all_gather of codec fingerprints)"):
+        all_fp = [_from_bytes(t) for t in all_gather_bytes(_to_bytes(mine, torch.device(device)), group)]
+    bad = [r for r, fp in enumerate(all_fp) if fp != all_fp[0]]
+    if bad:
+        me = dist.get_rank(group)
+        other = bad[0] if me == 0 else 0
+        if all_fp[other] == mine:  # name a rank that actually differs from this one
+            other = next(r for r, fp in enumerate(all_fp) if fp != mine)
+        raise ConfigMismatchError(
+            f"codec config mismatch in the process group: rank {me} has {mine}; "
+            f"rank {other} has {all_fp[other]}"
+        )
+    _CHECKED.add(key)

@@ -1,0 +1,178 @@
+"""Multi-process tests of gradwire.comm on gloo (2 and 4 ranks), many cases per launch."""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from gradwire.comm import (check_group, ConfigMismatchError, PacketChannel, PeerTimeoutError, chunk_bounds,
+                           compressed_all_gather, compressed_all_reduce, compressed_reduce_scatter)
+from gradwire.testing.codecs import CastCodec, ThresholdCodec
+from gradwire.testing.launch import run_workers, values
+from wire_counter import count_wire_bytes
+
+SIZES = [1, 3, 64, 1001]  # n < p, odd sizes with uneven chunks, and larger
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _data(seed, rank, n, dtype):
+    g = torch.Generator().manual_seed(1000 * seed + rank)
+    return (torch.randn(n, generator=g) * torch.exp(2 * torch.randn(n, generator=g))).to(dtype)
+
+
+def _codecs():
+    return [CastCodec(), ThresholdCodec(0.5)]
+
+
+def _collective_cases(rank, world):
+    out = []
+    for codec in _codecs():  # the one-time config handshake, outside the byte counts below
+        check_group(codec)
+    for ci, codec in enumerate(_codecs()):
+        for n in SIZES:
+            for dtype in DTYPES:
+                x = _data(n, rank, n, dtype)
+                # --- two-phase all-reduce
+                tr = {}
+                with count_wire_bytes() as wire:
+                    y = compressed_all_reduce(x, codec, seed=7, trace=tr)
+                ref = torch.cat([codec.decode(pk, dtype=dtype).reshape(-1) if pk.numel() else
+                                 x.new_empty(0) for pk in tr["phase2_recv"]])
+                assert torch.equal(y, ref), "result is not the decode of the gathered packets"
+                # my chunk of phase 2 is the re-encoding of the rank-ordered float32 sum
+                a, b = chunk_bounds(n, world)[rank]
+                if b > a:
+                    acc = torch.zeros(b - a)
+                    for pk in tr["phase1_recv"]:
+                        acc += codec.decode(pk, dtype=torch.float32)
+                    from gradwire.numerics.rng import derive_seed
+                    assert torch.equal(codec.encode(acc.to(dtype), seed=derive_seed(7, 2, rank)),
+                                       tr["phase2_recv"][rank])
+                # bytes: counted at the wire == trace == prediction from packed sizes
+                pred = sum(pk.numel() for pk in tr["phase2_recv"]) - tr["phase2_recv"][rank].numel()
+                pred += (world - 1) * tr["phase2_recv"][rank].numel()  # phase 2: mine to p-1 peers
+                if codec.fixed_rate:
+                    bounds = chunk_bounds(n, world)
+                    sizes = [codec.packed_size((b - a,), dtype) if b > a else 0 for a, b in bounds]
+                    pred = sum(s for j, s in enumerate(sizes) if j != rank) + (world - 1) * sizes[rank]
+                else:
+                    pred = None
+                # --- reduce-scatter (rows divisible by p) and all-gather
+                rows = torch.stack([_data(n + r, rank, 4, dtype) for r in range(2 * world)])
+                trs, trg = {}, {}
+                with count_wire_bytes() as wire_rs:
+                    rs = compressed_reduce_scatter(rows, codec, seed=3, trace=trs)
+                acc = torch.zeros(2, 4)
+                for pk in trs["recv"]:
+                    acc += codec.decode(pk, dtype=torch.float32)
+                assert torch.equal(rs, acc.to(dtype))
+                with count_wire_bytes() as wire_ag:
+                    ag = compressed_all_gather(rows[:2], codec, seed=3, trace=trg)
+                assert torch.equal(ag, torch.cat([codec.decode(pk, dtype=dtype) for pk in trg["recv"]]))
+                out.append(dict(codec=ci, n=n, dtype=str(dtype), x=x, y=y, rows=rows, rs=rs, ag=ag,
+                                wire=wire["bytes"], traced=tr["bytes_sent"], pred=pred,
+                                wire_rs=wire_rs["bytes"], traced_rs=trs["bytes_sent"],
+                                wire_ag=wire_ag["bytes"], traced_ag=trg["bytes_sent"]))
+    # non-finite entries arrive non-finite on every rank
+    x = _data(5, rank, 64, torch.float32)
+    if rank == 1:
+        x[3], x[40] = float("inf"), float("nan")
+    nonfinite = [compressed_all_reduce(x, c, seed=1) for c in _codecs()]
+    # bad input
+    errs = []
+    for bad in (torch.ones(4, dtype=torch.int32),):
+        try:
+            compressed_all_reduce(bad, CastCodec())
+        except TypeError as e:
+            errs.append(str(e))
+    return dict(cases=out, nonfinite=nonfinite, errs=errs)
+
+
+def _p2p_cases(rank, world):
+    """Ranks (0 -> 1) and (1 -> 0) exchange through channels; fixed and variable codecs."""
+    got = []
+    for ci, codec in enumerate(_codecs()):
+        peer = 1 - rank
+        tx = PacketChannel(codec, peer, base_seed=11, boundary_id=ci, tag=ci)
+        rx = PacketChannel(codec, peer, base_seed=11, boundary_id=ci, tag=ci)
+        tx.handshake()
+        rx.handshake()
+        sent, recvd = [], []
+        with count_wire_bytes() as wire:
+            for step in range(3):
+                x = _data(step, rank, 37, torch.bfloat16).reshape(37, 1)
+                if rank == 0:
+                    sent.append(tx.send(x, step))
+                    recvd.append((rx.recv_packet((37, 1), torch.bfloat16)))
+                else:
+                    recvd.append((rx.recv_packet((37, 1), torch.bfloat16)))
+                    sent.append(tx.send(x, step))
+        y = rx.recv((37, 1), torch.bfloat16) if rank == 1 else tx.send(torch.ones(37, 1, dtype=torch.bfloat16), 9)
+        got.append(dict(sent=sent, recvd=recvd, wire=wire["bytes"], tx_bytes=tx.bytes_sent,
+                        rx_bytes=rx.bytes_received, y=y, fixed=codec.fixed_rate))
+    return got
+
+
+def _comm_worker(rank, world):
+    res = {"coll": _collective_cases(rank, world)}
+    if world == 2:
+        res["p2p"] = _p2p_cases(rank, world)
+    return res
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_compressed_collectives(world):
+    vals = values(run_workers(_comm_worker, world, timeout_s=300))
+    colls = [v["coll"] for v in vals]
+    for i, case in enumerate(colls[0]["cases"]):
+        per_rank = [c["cases"][i] for c in colls]
+        # replicated results are bit-identical across ranks
+        for c in per_rank[1:]:
+            assert torch.equal(c["y"], case["y"]) and torch.equal(c["ag"], case["ag"])
+        # bytes handed to the backend equal the traced count and the packed-size prediction
+        for c in per_rank:
+            assert c["wire"] == c["traced"], c
+            assert c["wire_rs"] == c["traced_rs"] and c["wire_ag"] == c["traced_ag"]
+            if c["pred"] is not None:
+                assert c["wire"] == c["pred"], c
+        # accuracy against the exact sum (float64): bf16 keeps 8 significant bits, so rounding to
+        # nearest has relative error <= u = 2^-8. Rounding each input chunk and then the sum gives
+        # |err| <= u * (sum_i |x_i| + |sum|) (1 + O(u)) elementwise, plus the output dtype's own
+        # rounding of the fp32 sum (u |sum| for bf16 output, 2^-24 |sum| for fp32); the factor
+        # 1.01 covers the O(u) cross terms
+        if case["codec"] == 0:
+            xs = torch.stack([c["x"].double() for c in per_rank])
+            exact, mag = xs.sum(0), xs.abs().sum(0)
+            out_eps = 2**-8 if case["dtype"] == "torch.bfloat16" else 2**-24
+            bound = 2**-8 * (mag + exact.abs()) + out_eps * exact.abs() + 1e-30
+            assert ((case["y"].double() - exact).abs() <= bound * 1.01).all()
+            ag_exact = torch.cat([c["rows"][:2].double() for c in per_rank])
+            assert ((case["ag"].double() - ag_exact).abs() <= 2**-8 * ag_exact.abs()).all()
+        # the reduce-scatter pieces of all ranks, concatenated, give the whole reduced tensor
+        full = torch.cat([c["rs"] for c in per_rank])
+        assert full.shape == per_rank[0]["rows"].shape
+    for c in colls:
+        for y in c["nonfinite"]:
+            assert torch.isinf(y[3]) or torch.isnan(y[3])
+            assert torch.isnan(y[40])
+            assert torch.isfinite(y[[0, 1, 2, 5, 63]]).all()
+        assert c["errs"] and "floating-point" in c["errs"][0]
+    if world == 2:
+        for ci in range(2):
+            a, b = vals[0]["p2p"][ci], vals[1]["p2p"][ci]
+            for s, r in zip(a["sent"], b["recvd"]):
+                assert torch.equal(s, r)  # the receiver got exactly the sender's packets
+            for s, r in zip(b["sent"], a["recvd"]):
+                assert torch.equal(s, r)
+            for me, other in ((a, b), (b, a)):
+                # wire bytes of the 3 counted steps = packets (+ an 8-byte length prefix each
+                # for the variable-size codec) = the channel's own counter; the receiver agrees
+                pk = sum(p.numel() for p in me["sent"][:3]) + (0 if me["fixed"] else 8 * 3)
+                assert me["wire"] == pk
+            assert a["tx_bytes"] == b["rx_bytes"] and b["tx_bytes"] == a["rx_bytes"]
+            # decode on the receiver equals the reference decode of the final packet
+            codec = _codecs()[ci]
+            assert torch.equal(b["y"], codec.decode(a["y"], dtype=torch.bfloat16))
