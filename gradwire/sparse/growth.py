@@ -1,0 +1,167 @@
+"""Sampling for dynamic sparse training: sparse initialisation and grow-candidate subsets.
+
+Every random decision draws from ``gradwire.numerics.rng`` (counter-based), so a topology is a
+pure function of (seed, inputs) and the sparse and masked-dense layouts agree bit for bit.
+Nothing here builds a dense ``[out, in]`` tensor: connections are (row, col) index pairs and
+sampling works on the two unit marginals (paper 003, Sec. 3: "the probability of sampling each
+connection is never explicitly represented, only the probability of sampling each unit").
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from gradwire.numerics import rng
+
+__all__ = ["uniform64", "sample_units", "sample_pairs", "sample_inactive_subset",
+           "erdos_renyi_topology", "fan_in_normal_init", "layer_densities", "cosine_prune_fraction",
+           "first_occurrence_unique"]
+
+
+def uniform64(seed: int, n: int, offset: int = 0, device=None) -> torch.Tensor:
+    """n float64 uniforms in [0, 1) with 48 random bits (two 24-bit draws per value).
+
+    24 bits are too coarse for inverse-CDF sampling over 1e5+ units (a unit of probability
+    1e-5 would be quantised to multiples of 6e-8); 48 bits make the quantisation negligible.
+    """
+    idx = torch.arange(2 * offset, 2 * (offset + n), dtype=torch.int64, device=device)
+    u = (rng.random_u32(seed, idx) >> 8).to(torch.float64).reshape(n, 2)
+    return (u[:, 0] + u[:, 1] * 2.0**-24) * 2.0**-24
+
+
+def sample_units(weights: torch.Tensor, n: int, seed: int, offset: int = 0) -> torch.Tensor:
+    """n i.i.d. unit indices with P(i) = weights[i] / sum(weights), by inverse CDF.
+
+    Zero-weight units are never drawn (their CDF interval is empty). ValueError when the
+    weights are negative, non-finite or all zero.
+    """
+    w = weights.detach().to(torch.float64).reshape(-1)
+    if w.numel() == 0 or not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise ValueError("unit weights must be finite, non-negative and non-empty")
+    total = w.sum()
+    if not total > 0:
+        raise ValueError("unit weights are all zero")
+    cdf = torch.cumsum(w, 0) / total
+    u = uniform64(seed, n, offset, device=w.device)
+    idx = torch.searchsorted(cdf, u, right=True)
+    return idx.clamp_(max=w.numel() - 1)
+
+
+def sample_pairs(f: torch.Tensor, g: torch.Tensor, n: int, seed: int,
+                 offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """n (row, col) pairs with row ~ g (output units) and col ~ f (input units) independent.
+
+    This is paper 003 Eq. 1 / 3 / 7: the joint law is f[col] * g[row]. Rows use even draw
+    offsets, columns odd ones, so the two streams never share counters.
+    """
+    rows = sample_units(g, n, rng.derive_seed(seed, 0), offset)
+    cols = sample_units(f, n, rng.derive_seed(seed, 1), offset)
+    return rows, cols
+
+
+def first_occurrence_unique(lin: torch.Tensor) -> torch.Tensor:
+    """Distinct values of ``lin`` in order of first appearance (so truncation stays random)."""
+    if lin.numel() == 0:
+        return lin
+    uniq, inv = torch.unique(lin, return_inverse=True)
+    pos = torch.arange(lin.numel(), device=lin.device)
+    first = torch.full((uniq.numel(),), lin.numel(), dtype=torch.int64, device=lin.device)
+    first.scatter_reduce_(0, inv, pos, reduce="amin")
+    return uniq[torch.argsort(first)]
+
+
+def sample_inactive_subset(f: torch.Tensor, g: torch.Tensor, size: int, is_active, seed: int,
+                           max_rounds: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to ``size`` distinct inactive pairs drawn from f x g by rejection (paper 003 Eq. 1).
+
+    ``is_active(rows, cols) -> bool`` tells the active set. Draws repeat in rounds; a pair is
+    accepted when inactive and not yet chosen. Fewer than ``size`` come back only when the
+    rounds run out (the subset asks for most of the inactive mass): the caller copes with that.
+    """
+    n_in = f.numel()
+    chosen = torch.empty(0, dtype=torch.int64, device=f.device)
+    drawn = 0
+    for _ in range(max_rounds):
+        need = size - chosen.numel()
+        if need <= 0:
+            break
+        n = max(2 * need, 64)
+        r, c = sample_pairs(f, g, n, seed, offset=drawn)
+        drawn += n
+        ok = ~is_active(r, c)
+        lin = first_occurrence_unique(torch.cat([chosen, (r * n_in + c)[ok]]))
+        chosen = lin[:size]
+    return chosen // n_in, chosen % n_in
+
+
+def erdos_renyi_topology(out_features: int, in_features: int, nnz: int,
+                         seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A uniform random G(n, M) bipartite graph: ``nnz`` distinct (row, col) pairs.
+
+    Draws random linear indices with 64 random bits each (modulo bias below 2**-30 for any
+    layer under 2**34 connections), keeps them in first-appearance order, repeats until ``nnz``
+    distinct ones exist: a uniform random nnz-subset without a dense mask (paper 003 Sec. 4.1).
+    """
+    total = out_features * in_features
+    if not 0 <= nnz <= total:
+        raise ValueError(f"nnz={nnz} out of range for a {out_features}x{in_features} layer")
+    chosen = torch.empty(0, dtype=torch.int64)
+    drawn = 0
+    while chosen.numel() < nnz:
+        n = max(int(1.2 * (nnz - chosen.numel())) + 64, 64)
+        idx = torch.arange(2 * drawn, 2 * (drawn + n), dtype=torch.int64)
+        bits = rng.random_u32(seed, idx).reshape(n, 2)
+        drawn += n
+        lin = (((bits[:, 0] >> 1) << 32) | bits[:, 1]) % total  # 63-bit draw, positive in int64
+        chosen = first_occurrence_unique(torch.cat([chosen, lin]))[:nnz]
+    return chosen // in_features, chosen % in_features
+
+
+def fan_in_normal_init(rows: torch.Tensor, out_features: int, seed: int, gain: float = math.sqrt(2),
+                       dtype=torch.float32) -> torch.Tensor:
+    """Weights ~ N(0, gain^2 / fan_in[row]) with fan_in the *actual* number of inputs of the row.
+
+    Evci et al. (2019) scaling, as used by paper 003 Sec. 4.1: a sparse unit with few inputs
+    gets larger weights, so activations keep the variance a dense init would give them.
+    Normals by Box-Muller from the counter-based uniforms.
+    """
+    n = rows.numel()
+    fan_in = torch.bincount(rows, minlength=out_features).clamp_(min=1).to(torch.float64)
+    u = uniform64(seed, 2 * n).reshape(2, n) if n else torch.zeros(2, 0, dtype=torch.float64)
+    z = torch.sqrt(-2.0 * torch.log1p(-u[0])) * torch.cos(2 * math.pi * u[1])
+    return (z * gain / torch.sqrt(fan_in[rows])).to(dtype)
+
+
+def layer_densities(shapes: list[tuple[int, int]], density: float,
+                    distribution: str = "uniform") -> list[float]:
+    """Per-layer densities whose connection-weighted mean is ``density``.
+
+    ``uniform``: every layer gets ``density`` (paper 003 Sec. 4.1). ``erdos_renyi``: density
+    proportional to (n_in + n_out) / (n_in * n_out) (Mocanu et al. 2018), layers that would
+    exceed 1 are made dense and the rest rescaled.
+    """
+    if not 0 < density <= 1:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    if distribution == "uniform":
+        return [density] * len(shapes)
+    if distribution != "erdos_renyi":
+        raise ValueError(f"unknown distribution {distribution!r}")
+    sizes = [o * i for o, i in shapes]
+    raw = [(o + i) / (o * i) for o, i in shapes]
+    dense: set[int] = set()
+    while True:
+        budget = density * sum(sizes) - sum(sizes[j] for j in dense)
+        free = sum(raw[j] * sizes[j] for j in range(len(shapes)) if j not in dense)
+        eps = budget / free
+        over = [j for j in range(len(shapes)) if j not in dense and eps * raw[j] > 1]
+        if not over:
+            return [1.0 if j in dense else eps * raw[j] for j in range(len(shapes))]
+        dense.update(over)
+
+
+def cosine_prune_fraction(step: int, initial: float, t_end: int) -> float:
+    """RigL / paper 003 schedule: initial/2 * (1 + cos(pi * step / t_end)), zero from t_end on."""
+    if step >= t_end:
+        return 0.0
+    return 0.5 * initial * (1.0 + math.cos(math.pi * step / t_end))
