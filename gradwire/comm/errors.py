@@ -31,6 +31,8 @@ def comm_guard(what: str) -> Iterator[None]:
     """
     try:
         yield
+    except PeerTimeoutError as e:  # from a nested guard: say which outer exchange it was part of
+        raise PeerTimeoutError(f"{what}: {e}") from e
     except CommError:
         raise
     except RuntimeError as e:

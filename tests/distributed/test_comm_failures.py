@@ -1,0 +1,81 @@
+"""Failure modes of gradwire.comm on gloo: config mismatch at the first exchange, a peer that
+exits (a timeout error, not a hang), bad input."""
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from gradwire.comm import (CommError, ConfigMismatchError, PacketChannel, PeerTimeoutError,
+                           compressed_all_reduce, recv_packet, send_packet)
+from gradwire.testing.codecs import CastCodec, ThresholdCodec
+from gradwire.testing.launch import run_workers, values
+
+PG_TIMEOUT_S = 4.0  # process-group timeout given to the workers of the dead-peer test
+
+
+def _mismatch_worker(rank, world):
+    """Rank 1 runs a different codec format version (p2p) and a different codec (collective)."""
+    res = {}
+    if rank < 2:
+        ch = PacketChannel(CastCodec(version=1 if rank == 0 else 2), 1 - rank)
+        try:
+            ch.send(torch.ones(8), 0) if rank == 0 else ch.recv((8,), torch.float32)
+        except ConfigMismatchError as e:
+            res["p2p"] = str(e)
+    codec = ThresholdCodec(0.5) if rank == 1 else CastCodec()
+    try:
+        compressed_all_reduce(torch.ones(16), codec)
+    except ConfigMismatchError as e:
+        res["coll"] = str(e)
+    # the group stays usable after the failed handshake: a matching call still works
+    res["after"] = compressed_all_reduce(torch.ones(16), CastCodec())
+    # bad packets / inputs get clear errors
+    try:
+        send_packet(torch.ones(3), 0)
+    except TypeError as e:
+        res["bad_packet"] = str(e)
+    try:
+        recv_packet(0, async_op=True)
+    except ValueError as e:
+        res["bad_async"] = str(e)
+    return res
+
+
+def test_config_mismatch_names_both_configs():
+    vals = values(run_workers(_mismatch_worker, 4, timeout_s=120))
+    for r, v in enumerate(vals):
+        if r < 2:  # both ends of the link fail, at the first exchange, naming both versions
+            assert "mismatch" in v["p2p"] and '"version": 1' in v["p2p"] and '"version": 2' in v["p2p"]
+        # every rank fails at the first collective naming both codecs
+        assert "test_cast" in v["coll"] and "test_threshold" in v["coll"], v["coll"]
+        assert torch.equal(v["after"], torch.full((16,), 4.0))
+        assert "1-D uint8" in v["bad_packet"] and "pre-allocated" in v["bad_async"]
+
+
+def _dead_peer_worker(rank, world, case):
+    """Rank ``world-1`` exits right after the process group is up; the others must raise."""
+    if rank == world - 1:
+        os._exit(0)
+    t0 = time.monotonic()
+    try:
+        if case == "p2p":
+            PacketChannel(CastCodec(), world - 1).recv((8,), torch.float32)
+        else:
+            compressed_all_reduce(torch.ones(64), CastCodec())
+    except CommError as e:
+        return {"error": f"{type(e).__name__}: {e}", "elapsed": time.monotonic() - t0}
+    return {"error": None}
+
+
+def test_dead_peer_raises_instead_of_hanging():
+    # run_workers kills the job (TimeoutError, test fails) if a survivor hangs; the survivors
+    # must come back with a PeerTimeoutError naming the exchange that was waiting.
+    for world, case in ((2, "p2p"), (3, "collective")):
+        res = run_workers(_dead_peer_worker, world, case, pg_timeout_s=PG_TIMEOUT_S, timeout_s=90)
+        for r in res[:-1]:
+            assert r.error is None, r.error
+            assert r.value["error"] and r.value["error"].startswith("PeerTimeoutError"), r.value
+            assert "config handshake" in r.value["error"]  # the first exchange is the handshake
+        assert res[-1].exitcode == 0 and res[-1].value is None
