@@ -1,0 +1,334 @@
+// CPU kernels for the gradwire::* ops (schemas are defined in gradwire/ops.py). One translation
+// unit on purpose: the torch headers dominate compile time, so the JIT build stays ~1 minute.
+//
+// Threading: the input is cut into fixed chunks of kChunk elements (a multiple of 8, so every
+// chunk starts on a byte boundary of the packed stream and owns its output bytes). Chunks are
+// independent of the thread count, and per-chunk partial statistics are merged in chunk order,
+// so results are identical for any number of threads. No -ffast-math: bit-exactness with the
+// reference relies on IEEE float32 multiplication and integer rounding only.
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "../common/fp_codec.h"
+
+namespace gradwire {
+namespace {
+
+constexpr int64_t kChunk = int64_t(1) << 16;
+
+inline float to_f32(float v) { return v; }
+inline float to_f32(c10::BFloat16 v) { return static_cast<float>(v); }
+inline float to_f32(c10::Half v) { return static_cast<float>(v); }
+
+// log2|a| for finite nonzero a (a >= 0 as float bits), for the statistics. A 1024-entry table of
+// log2 of the top 10 mantissa bits plus a 3-term series for the rest (|error| < 2**-40); exact
+// table hits for bf16 and fp16 inputs, whose mantissas fit in 10 bits.
+struct Log2Table {
+  double t[1024];
+  Log2Table() {
+    for (int i = 0; i < 1024; ++i) t[i] = std::log2(1.0 + i / 1024.0);
+  }
+};
+const Log2Table& log2_table() {
+  static const Log2Table tab;
+  return tab;
+}
+
+inline double log2_abs(uint32_t ab, const double* tab) {
+  const int ea = static_cast<int>(ab >> 23);
+  if (ea == 0) return std::log2(static_cast<double>(f32_from_bits(ab)));  // float32 subnormal
+  const uint32_t idx = (ab >> 13) & 1023u;
+  const uint32_t low = ab & 0x1FFFu;
+  double l = (ea - 127) + tab[idx];
+  if (low) {
+    // log2(1 + t), t = low * 2**-23 / m0 < 2**-10: series t - t^2/2 + t^3/3 (Taylor).
+    const double t = low * 0x1p-23 / (1.0 + idx / 1024.0);
+    l += t * (1.0 - t * (0.5 - t / 3.0)) * 1.4426950408889634;
+  }
+  return l;
+}
+
+struct LocalStats {
+  int64_t n_fnz = 0, n_zero = 0, n_nonfinite = 0;
+  double s1 = 0.0, s2 = 0.0;
+  inline void add(float v, const double* tab) {
+    const uint32_t ab = f32_bits(v) & 0x7FFFFFFFu;
+    if (ab >= 0x7F800000u) {
+      ++n_nonfinite;
+    } else if (ab == 0) {
+      ++n_zero;
+    } else {
+      const double l = log2_abs(ab, tab);
+      ++n_fnz;
+      s1 += l;
+      s2 += l * l;
+    }
+  }
+};
+
+at::Tensor merge_stats(const std::vector<LocalStats>& parts) {
+  // Fixed (chunk) order: float64 sums are reproducible across runs and thread counts.
+  LocalStats tot;
+  for (const auto& p : parts) {
+    tot.n_fnz += p.n_fnz;
+    tot.n_zero += p.n_zero;
+    tot.n_nonfinite += p.n_nonfinite;
+    tot.s1 += p.s1;
+    tot.s2 += p.s2;
+  }
+  at::Tensor out = at::empty({5}, at::TensorOptions().dtype(at::kDouble));
+  double* o = out.data_ptr<double>();
+  o[0] = static_cast<double>(tot.n_fnz);
+  o[1] = tot.s1;
+  o[2] = tot.s2;
+  o[3] = static_cast<double>(tot.n_zero);
+  o[4] = static_cast<double>(tot.n_nonfinite);
+  return out;
+}
+
+void check_float_input(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.device().is_cpu(), op, ": expected a CPU tensor, got ", x.device());
+  const auto t = x.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf, op,
+              ": expected float32, bfloat16 or float16, got ", t);
+}
+
+inline int64_t packed_bytes(int64_t n, int64_t bits) { return (n * bits + 7) / 8; }
+
+FpParams make_params(int64_t exp_bits, int64_t man_bits, int64_t bias, int64_t scale_exp,
+                     bool stochastic) {
+  TORCH_CHECK(exp_bits >= 1 && man_bits >= 0 && 1 + exp_bits + man_bits <= 8,
+              "fp format: need exp_bits >= 1, man_bits >= 0, 1 + exp_bits + man_bits <= 8");
+  TORCH_CHECK(scale_exp >= -127 && scale_exp <= 127, "scale_exp must be in [-127, 127]");
+  FpParams p;
+  p.man_bits = static_cast<int>(man_bits);
+  p.emin = static_cast<int>(1 - bias);
+  p.bits = static_cast<int>(1 + exp_bits + man_bits);
+  TORCH_CHECK(p.emin - p.man_bits >= -140 && ((1 << exp_bits) - 1) - bias <= 126,
+              "fp format: bias ", bias, " puts values outside float32 range");
+  p.max_mag = (1u << (p.bits - 1)) - 1u;
+  p.nonfinite = 1u << (p.bits - 1);
+  p.max_value = fp_code_value(p.max_mag, p.man_bits, p.emin, p.bits);
+  p.scale = std::ldexp(1.0f, static_cast<int>(scale_exp));
+  p.stochastic = stochastic ? 1 : 0;
+  return p;
+}
+
+template <typename T>
+void fp_encode_chunks(const T* x, uint8_t* out, int64_t n, const FpParams& p, RngKeys keys,
+                      uint64_t offset, std::vector<LocalStats>& parts) {
+  const int64_t nchunks = (n + kChunk - 1) / kChunk;
+  const double* tab = log2_table().t;
+  const int bits = p.bits;
+  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      LocalStats st;
+      const int64_t begin = c * kChunk;
+      const int64_t end = std::min(n, begin + kChunk);
+      uint8_t* o = out + begin / 8 * bits;
+      for (int64_t g = begin; g < end; g += 8) {
+        const int cnt = static_cast<int>(std::min<int64_t>(8, end - g));
+        uint32_t codes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int j = 0; j < cnt; ++j) {
+          const float v = to_f32(x[g + j]);
+          st.add(v, tab);
+          codes[j] = fp_encode_one(v, p, keys, offset + static_cast<uint64_t>(g + j));
+        }
+        const uint64_t w = pack8(codes, bits);
+        const int nb = cnt == 8 ? bits : static_cast<int>((cnt * bits + 7) / 8);
+        std::memcpy(o, &w, nb);  // little-endian host (x86-64, aarch64)
+        o += nb;
+      }
+      parts[c] = st;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> fp_encode_cpu(const at::Tensor& x_in, int64_t exp_bits,
+                                                 int64_t man_bits, int64_t bias,
+                                                 int64_t scale_exp, bool stochastic, int64_t seed,
+                                                 int64_t offset) {
+  check_float_input(x_in, "gradwire::fp_encode");
+  TORCH_CHECK(seed >= 0 && seed <= 0xFFFFFFFFll, "seed must be in [0, 2**32)");
+  TORCH_CHECK(offset >= 0, "offset must be >= 0");
+  const FpParams p = make_params(exp_bits, man_bits, bias, scale_exp, stochastic);
+  const at::Tensor x = x_in.contiguous();
+  const int64_t n = x.numel();
+  at::Tensor out = at::empty({packed_bytes(n, p.bits)}, x.options().dtype(at::kByte));
+  std::vector<LocalStats> parts((n + kChunk - 1) / kChunk);
+  const RngKeys keys = rng_keys(static_cast<uint32_t>(seed));
+  uint8_t* o = out.data_ptr<uint8_t>();
+  const uint64_t off = static_cast<uint64_t>(offset);
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      fp_encode_chunks(x.data_ptr<float>(), o, n, p, keys, off, parts);
+      break;
+    case at::kBFloat16:
+      fp_encode_chunks(x.data_ptr<c10::BFloat16>(), o, n, p, keys, off, parts);
+      break;
+    default:
+      fp_encode_chunks(x.data_ptr<c10::Half>(), o, n, p, keys, off, parts);
+  }
+  return {out, merge_stats(parts)};
+}
+
+template <typename T>
+void fp_decode_chunks(const uint8_t* in, T* y, int64_t n, int bits, const T* table) {
+  const int64_t nchunks = (n + kChunk - 1) / kChunk;
+  const uint64_t mask = (uint64_t(1) << bits) - 1;
+  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t begin = c * kChunk;
+      const int64_t end = std::min(n, begin + kChunk);
+      const uint8_t* src = in + begin / 8 * bits;
+      for (int64_t g = begin; g < end; g += 8) {
+        const int cnt = static_cast<int>(std::min<int64_t>(8, end - g));
+        const int nb = cnt == 8 ? bits : static_cast<int>((cnt * bits + 7) / 8);
+        uint64_t w = 0;
+        std::memcpy(&w, src, nb);
+        src += nb;
+        for (int j = 0; j < cnt; ++j) y[g + j] = table[(w >> (j * bits)) & mask];
+      }
+    }
+  });
+}
+
+at::Tensor fp_decode_cpu(const at::Tensor& packed_in, int64_t numel, int64_t exp_bits,
+                         int64_t man_bits, int64_t bias, int64_t scale_exp, at::ScalarType dtype) {
+  TORCH_CHECK(packed_in.device().is_cpu(), "gradwire::fp_decode: expected a CPU tensor");
+  TORCH_CHECK(packed_in.scalar_type() == at::kByte, "gradwire::fp_decode: packed must be uint8");
+  TORCH_CHECK(numel >= 0, "gradwire::fp_decode: numel must be >= 0");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "gradwire::fp_decode: dtype must be float32, bfloat16 or float16");
+  const FpParams p = make_params(exp_bits, man_bits, bias, scale_exp, false);
+  TORCH_CHECK(packed_in.numel() == packed_bytes(numel, p.bits), "gradwire::fp_decode: expected ",
+              packed_bytes(numel, p.bits), " bytes for ", numel, " codes of ", p.bits,
+              " bits, got ", packed_in.numel());
+  const at::Tensor packed = packed_in.contiguous();
+  // The decoded value is a pure function of the code: one table of 2**bits entries, computed
+  // exactly as the reference does (float32 value times float32 2**-scale_exp, then the cast).
+  const float inv = std::ldexp(1.0f, static_cast<int>(-scale_exp));
+  float tf[256];
+  for (uint32_t c = 0; c < (1u << p.bits); ++c)
+    tf[c] = fp_code_value(c, p.man_bits, p.emin, p.bits) * inv;
+  at::Tensor y = at::empty({numel}, packed.options().dtype(dtype));
+  const uint8_t* in = packed.data_ptr<uint8_t>();
+  if (dtype == at::kFloat) {
+    fp_decode_chunks(in, y.data_ptr<float>(), numel, p.bits, tf);
+  } else if (dtype == at::kBFloat16) {
+    c10::BFloat16 tb[256];
+    for (int c = 0; c < 256; ++c) tb[c] = c10::BFloat16(tf[c]);
+    fp_decode_chunks(in, y.data_ptr<c10::BFloat16>(), numel, p.bits, tb);
+  } else {
+    c10::Half th[256];
+    for (int c = 0; c < 256; ++c) th[c] = c10::Half(tf[c]);
+    fp_decode_chunks(in, y.data_ptr<c10::Half>(), numel, p.bits, th);
+  }
+  return y;
+}
+
+at::Tensor pack_bits_cpu(const at::Tensor& codes_in, int64_t bits) {
+  TORCH_CHECK(codes_in.device().is_cpu(), "gradwire::pack_bits: expected a CPU tensor");
+  TORCH_CHECK(codes_in.scalar_type() == at::kByte, "gradwire::pack_bits: codes must be uint8");
+  TORCH_CHECK(bits >= 1 && bits <= 8, "gradwire::pack_bits: bits must be in [1, 8]");
+  const at::Tensor codes = codes_in.contiguous();
+  const int64_t n = codes.numel();
+  at::Tensor out = at::empty({packed_bytes(n, bits)}, codes.options());
+  const uint8_t* c = codes.data_ptr<uint8_t>();
+  uint8_t* o = out.data_ptr<uint8_t>();
+  const int b = static_cast<int>(bits);
+  const int64_t nchunks = (n + kChunk - 1) / kChunk;
+  std::vector<uint8_t> bad(nchunks, 0);
+  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t ch = c0; ch < c1; ++ch) {
+      const int64_t begin = ch * kChunk;
+      const int64_t end = std::min(n, begin + kChunk);
+      uint8_t* dst = o + begin / 8 * b;
+      uint32_t ored = 0;
+      for (int64_t g = begin; g < end; g += 8) {
+        const int cnt = static_cast<int>(std::min<int64_t>(8, end - g));
+        uint32_t v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int j = 0; j < cnt; ++j) {
+          v[j] = c[g + j];
+          ored |= v[j];
+        }
+        const uint64_t w = pack8(v, b);
+        const int nb = cnt == 8 ? b : (cnt * b + 7) / 8;
+        std::memcpy(dst, &w, nb);
+        dst += nb;
+      }
+      bad[ch] = (ored >> b) != 0;
+    }
+  });
+  for (auto f : bad) TORCH_CHECK(!f, "gradwire::pack_bits: a code does not fit in ", bits, " bits");
+  return out;
+}
+
+at::Tensor unpack_bits_cpu(const at::Tensor& packed_in, int64_t bits, int64_t numel) {
+  TORCH_CHECK(packed_in.device().is_cpu(), "gradwire::unpack_bits: expected a CPU tensor");
+  TORCH_CHECK(packed_in.scalar_type() == at::kByte, "gradwire::unpack_bits: packed must be uint8");
+  TORCH_CHECK(bits >= 1 && bits <= 8, "gradwire::unpack_bits: bits must be in [1, 8]");
+  TORCH_CHECK(numel >= 0, "gradwire::unpack_bits: numel must be >= 0");
+  TORCH_CHECK(packed_in.numel() == packed_bytes(numel, bits), "gradwire::unpack_bits: expected ",
+              packed_bytes(numel, bits), " bytes, got ", packed_in.numel());
+  uint8_t ident[256];
+  for (int i = 0; i < 256; ++i) ident[i] = static_cast<uint8_t>(i);
+  const at::Tensor packed = packed_in.contiguous();
+  at::Tensor out = at::empty({numel}, packed.options());
+  fp_decode_chunks(packed.data_ptr<uint8_t>(), out.data_ptr<uint8_t>(), numel,
+                   static_cast<int>(bits), ident);
+  return out;
+}
+
+at::Tensor moment_stats_cpu(const at::Tensor& x_in) {
+  check_float_input(x_in, "gradwire::moment_stats");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t n = x.numel();
+  const int64_t nchunks = (n + kChunk - 1) / kChunk;
+  std::vector<LocalStats> parts(nchunks);
+  const double* tab = log2_table().t;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "moment_stats", [&] {
+    const scalar_t* px = x.data_ptr<scalar_t>();
+    at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        LocalStats st;
+        const int64_t end = std::min(n, (c + 1) * kChunk);
+        for (int64_t i = c * kChunk; i < end; ++i) st.add(static_cast<float>(px[i]), tab);
+        parts[c] = st;
+      }
+    });
+  });
+  return merge_stats(parts);
+}
+
+at::Tensor rng_u32_cpu(int64_t seed, const at::Tensor& index_in) {
+  TORCH_CHECK(seed >= 0 && seed <= 0xFFFFFFFFll, "seed must be in [0, 2**32)");
+  TORCH_CHECK(index_in.scalar_type() == at::kLong, "gradwire::rng_u32: index must be int64");
+  const at::Tensor index = index_in.contiguous();
+  at::Tensor out = at::empty_like(index);
+  const int64_t* ix = index.data_ptr<int64_t>();
+  int64_t* o = out.data_ptr<int64_t>();
+  const RngKeys k = rng_keys(static_cast<uint32_t>(seed));
+  for (int64_t i = 0; i < index.numel(); ++i)
+    o[i] = static_cast<int64_t>(random_u32(k, static_cast<uint64_t>(ix[i])));
+  return out;
+}
+
+}  // namespace
+}  // namespace gradwire
+
+TORCH_LIBRARY_IMPL(gradwire, CPU, m) {
+  m.impl("fp_encode", &gradwire::fp_encode_cpu);
+  m.impl("fp_decode", &gradwire::fp_decode_cpu);
+  m.impl("pack_bits", &gradwire::pack_bits_cpu);
+  m.impl("unpack_bits", &gradwire::unpack_bits_cpu);
+  m.impl("moment_stats", &gradwire::moment_stats_cpu);
+  m.impl("rng_u32", &gradwire::rng_u32_cpu);
+}
