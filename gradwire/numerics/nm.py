@@ -154,7 +154,7 @@ def _special_blocks(xb, s, values, indices, n):
     bad = ~torch.isfinite(s)
     zero = s == 0
     if not (bad.any() or zero.any()):
-        return values, indices
+        return values, indices.to(torch.uint8)
     m = xb.shape[-1]
     pivot = torch.where(torch.isfinite(xb), a, _INF).argmax(-1)  # first non-finite, else first max
     xp = _gather(xb, pivot)
@@ -350,32 +350,57 @@ def mvue_12_variance(block_abs: torch.Tensor) -> torch.Tensor:
     return 2.0 * a[..., 0] * a[..., 1]
 
 
+def _others_sums(a: torch.Tensor):
+    """D[l] = sum_{j != l} A[j] and E[l, k] = sum_{j not in {l, k}} A[j], formed directly.
+
+    Differences such as S - A[l] cancel catastrophically for blocks like [1e-11, 1e-11, 1e-11, 1],
+    where the variances are O(1e-22) and must still be accurate (the ratio scan divides them).
+    """
+    eye = torch.eye(4, dtype=torch.float64, device=a.device)
+    off = 1.0 - eye
+    mask3 = off[:, :, None] * off[:, None, :]  # [j, l, k] = [j != l][j != k]
+    return a @ off, torch.einsum("...j,jlk->...lk", a, mask3)
+
+
 def mvue_24_exact_variance(block_abs: torch.Tensor) -> torch.Tensor:
     """Total variance sum_k A^2/p - A^2 of exact MVUE 2:4 per block ``[..., 4]`` (float64).
 
-    p = 2A/S when max <= S - max (gives S^2/2 - sum A^2); else p = 1 for the max and A/R for the
-    others, R = S - max (gives R^2 - sum_{others} A^2).
+    If max <= R = S - max: p = 2A/S, variance sum_k A_k (D_k - A_k) / 2 (= S^2/2 - sum A^2).
+    Else p = 1 for the max m and A_k/R for the others: sum_{k != m} A_k (R - A_k)
+    (= R^2 - sum_{k != m} A_k^2). D_k and R - A_k are sums of the other elements, formed directly.
     """
     a = _check_block_abs(block_abs, 4)
-    s, sq, mx = a.sum(-1), (a * a).sum(-1), a.amax(-1)
-    r = s - mx
-    return torch.where(mx > r, r * r - (sq - mx * mx), 0.5 * s * s - sq)
+    d, e = _others_sums(a)
+    m = a.argmax(-1, keepdim=True)
+    mx, r = a.gather(-1, m).squeeze(-1), d.gather(-1, m).squeeze(-1)
+    reg1 = (a * (d - a)).sum(-1) * 0.5
+    r_minus = e.gather(-2, m.unsqueeze(-1).expand(*m.shape[:-1], 1, 4)).squeeze(-2)  # E[m, k]
+    reg2 = (a * r_minus).scatter(-1, m, 0.0).sum(-1)
+    return torch.where(mx > r, reg2, reg1)
 
 
 def mvue_24_approx_inclusion(block_abs: torch.Tensor) -> torch.Tensor:
-    """Inclusion probabilities p_k of approx MVUE 2:4, Eq. 25 (float64, 0 for A = 0)."""
+    """Inclusion probabilities p_k of approx MVUE 2:4, Eq. 25 (float64, 0 for A = 0):
+    p_k = q_k + A_k sum_{l != k} q_l / D_l with q = A/S and D_l = S - A_l."""
     a = _check_block_abs(block_abs, 4)
+    return torch.where(a > 0, 1.0 - _approx_exclusion(a), 0.0)
+
+
+def _approx_exclusion(a: torch.Tensor) -> torch.Tensor:
+    """1 - p_k = sum_{l != k} q_l (D_l - A_k) / D_l (since sum q = 1): no cancellation."""
     s = a.sum(-1, keepdim=True)
-    d = s - a
-    q = torch.where(s > 0, a / s, 0.0)
-    # p_k = q_k + sum_{l != k} q_l A_k / D_l; terms with q_l = 1 (D_l = 0) have A_k = 0.
-    ratio = torch.where(d > 0, q / d, 0.0)
-    p = q + a * (ratio.sum(-1, keepdim=True) - ratio)
-    return torch.where(a > 0, p, 0.0)
+    d, e = _others_sums(a)
+    q = torch.where(s > 0, a / s.clamp_min(1e-300), 0.0)
+    # E[l, k] = D_l - A_k; terms with D_l = 0 (all mass on l) contribute 0 (then A_k = 0 too).
+    frac = torch.where(d.unsqueeze(-1) > 0, e / d.unsqueeze(-1).clamp_min(1e-300), 0.0)
+    off = 1.0 - torch.eye(4, dtype=torch.float64, device=a.device)
+    return (q.unsqueeze(-1) * frac * off).sum(-2)
 
 
 def mvue_24_approx_variance(block_abs: torch.Tensor) -> torch.Tensor:
-    """Total variance sum_k A^2/p - A^2 of approx MVUE 2:4 per block, p from Eq. 25 (float64)."""
+    """Total variance sum_k A^2/p - A^2 = sum_k A^2 (1 - p_k) / p_k of approx MVUE 2:4 per block,
+    p from Eq. 25 (float64; 1 - p_k formed without cancellation, see ``_approx_exclusion``)."""
     a = _check_block_abs(block_abs, 4)
-    p = mvue_24_approx_inclusion(a)
-    return torch.where(a > 0, a * a / p.clamp_min(1e-300) - a * a, 0.0).sum(-1)
+    ex = _approx_exclusion(a)
+    p = 1.0 - ex
+    return torch.where(a > 0, a * a * ex / p.clamp_min(1e-300), 0.0).sum(-1)
