@@ -61,7 +61,10 @@ Approx MVUE 2:4 (paper 004, Eq. 25)   ``u1 = uniform(seed, 2*ctr)``, ``u2 = unif
   q = A / S, equals A[k] W[k] / S, so x[k] / p[k] = sign(x[k]) S / W[k] (no 0/0, one division).
 
 Greedy N:M (activations only, biased): keep the n largest A per block, ties to the lowest index
-(NaN ranks above +Inf), values x[k] as they are.
+(NaN ranks as +Inf), values x[k] as they are (no non-finite rule needed: nothing is rescaled).
+
+Closed forms (float64, for tests and analysis): ``mvue_12_variance``, ``mvue_24_exact_variance``,
+``mvue_24_approx_variance``, ``mvue_24_approx_inclusion`` (Eq. 10-11, 25).
 
 Dense wrappers (``mvue_12`` ...) scatter the slots into zeros of x's shape and cast to x.dtype
 (for bf16/fp16 that cast rounds the kept values, so unbiasedness then holds up to that rounding;
