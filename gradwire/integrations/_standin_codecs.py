@@ -109,29 +109,25 @@ class StandinNMCodec(Codec):
     fixed_rate = True
 
     def __init__(self, n: int = 1, m: int = 2, method: str = "mvue"):
-        if method == "mvue" and (n, m) != (1, 2):
-            raise NotImplementedError("stand-in implements MVUE for 1:2 only")
-        if method not in ("mvue", "greedy"):
-            raise NotImplementedError(f"stand-in has no {method!r}")
         self.n, self.m, self.method = n, m, method
         self.idx_bits = max(1, (m - 1).bit_length())
 
+    def _select(self, x, seed):
+        from gradwire.numerics import nm
+
+        if self.method == "greedy":
+            return nm.greedy_nm_select(x, self.n, self.m)
+        if (self.n, self.m) == (1, 2):
+            return nm.mvue_12_select(x, seed=seed)
+        if self.method == "mvue_approx":
+            return nm.mvue_24_approx_select(x, seed=seed)
+        return nm.mvue_24_exact_select(x, seed=seed)
+
     def encode(self, x, *, seed=0, fit=None):
         x = check_input(x, self.name)
-        blocks = x.float().reshape(-1, self.m)
-        a = blocks.abs()
-        if self.method == "mvue":
-            # Eq. 7 of paper 004: keep a with prob |a|/(|a|+|b|), value sign(a)(|a|+|b|).
-            s = a.sum(1)
-            u = uniform_like(seed, s)  # one uniform per block, counter = block index
-            p0 = torch.where(s > 0, a[:, 0] / torch.where(s > 0, s, torch.ones_like(s)), 0.5)
-            keep = torch.where(u < p0, 0, 1).unsqueeze(1)
-            vals = blocks.gather(1, keep).sign() * s.unsqueeze(1)
-        else:
-            keep = a.topk(self.n, dim=1).indices.sort(1).values
-            vals = blocks.gather(1, keep)
+        vals, keep = self._select(x.float(), seed)  # real numerics.nm (paper 004 Eq. 7 / App. A.2)
         payload = torch.cat([vals.to(x.dtype).contiguous().reshape(-1).view(torch.uint8),
-                             pack_bits(keep.to(torch.uint8), self.idx_bits)])
+                             pack_bits(keep.reshape(-1).to(torch.uint8), self.idx_bits)])
         return build_packet(self.codec_id, x.dtype, x.shape, _PARAMS.pack(self.n, self.m, 0), payload)
 
     def decode(self, packet, *, dtype=None):

@@ -1,0 +1,277 @@
+"""The main job: train a small GPT-style decoder split into pipeline stages, compressing the
+backward gradient at every stage boundary with the codec of the config's "gradwire" section.
+
+    deepspeed launch/train.py --config configs/fp6.json                 # 1 process: in-process stages
+    deepspeed --num_gpus 2 launch/train.py --config configs/fp6.json    # 2 pipeline ranks
+    torchrun --nproc_per_node 2 launch/train.py --config configs/fp6.json
+    mpirun -n 2 python launch/train.py --config configs/fp6.json
+
+With one process the stages run in-process and every boundary is still encoded and decoded
+(the report gives the bytes that would cross the wire). With several, DeepSpeed's pipeline
+engine runs one stage per rank (gloo on CPU, NCCL on GPU) with gradwire's gradient send/receive.
+Everything (config, topology, data) is checked before training starts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from gradwire.config import ConfigError, check_topology, load_config  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="DeepSpeed JSON with a \"gradwire\" section")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
+    p.add_argument("--depth", type=int, default=4, help="decoder blocks (default 4)")
+    p.add_argument("--width", type=int, default=64, help="hidden width (default 64)")
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=32)
+    p.add_argument("--stages", type=int, default=None,
+                   help="pipeline stages (default: the number of ranks, or 2 with one process)")
+    p.add_argument("--data", default=None, help="a UTF-8 text file (character level) instead of "
+                   "the embedded Markov language")
+    p.add_argument("--vocab", type=int, default=16, help="embedded language: vocabulary (default 16)")
+    p.add_argument("--order", type=int, default=2, help="embedded language: Markov order (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="model init and data seed")
+    p.add_argument("--report-dir", default=None, help="default: gradwire.report_dir, else "
+                   "reports/<config name>")
+    p.add_argument("--baseline", default=None, help="report.json of a baseline run to plot beside")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per process "
+                   "(default 1: the default model is tiny, and more threads only contend)")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    a = p.parse_args(argv)
+    if a.steps < 1:
+        p.error("--steps must be >= 1")
+    return a
+
+
+def world_from_env() -> int:
+    """Ranks in this job, from the launcher's environment (torchrun/deepspeed: WORLD_SIZE;
+    mpirun: MPICH's PMI_SIZE or Open MPI's OMPI_COMM_WORLD_SIZE)."""
+    for k in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
+        if os.environ.get(k):
+            return int(os.environ[k])
+    return 1
+
+
+def build_data(args):
+    from gradwire.models.synthetic import MarkovLanguage, read_text
+
+    if args.data:
+        tokens, chars = read_text(args.data)
+        return tokens, len(chars), None, f"text:{os.path.basename(args.data)}"
+    lang = MarkovLanguage(vocab=args.vocab, order=args.order, concentration=0.1, seed=1234)
+    name = f"markov(V={args.vocab},k={args.order},c=0.1)"
+    return lang.sample(300_000, seed=args.seed), lang.vocab, lang.entropy_rate, name
+
+
+def batch_sizes(ds_config):
+    micro = int(ds_config.get("train_micro_batch_size_per_gpu", 8))
+    gas = int(ds_config.get("gradient_accumulation_steps", 1))
+    return micro, gas
+
+
+def progress(args, rank, total):
+    if rank != 0 or args.no_progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="step", dynamic_ncols=True, mininterval=0.5)
+
+
+def run_inprocess(args, ds_config, gw, gpt_cfg, tokens):
+    from gradwire.models.gpt import gpt_layers, lm_loss
+    from gradwire.models.inprocess import InProcessPipeline
+    from gradwire.models.synthetic import TokenStream
+
+    stages = args.stages or 2
+    pipe = InProcessPipeline(gpt_layers(gpt_cfg, seed=args.seed), stages, gw, lm_loss)
+    opt_cfg = ds_config.get("optimizer", {"type": "Adam", "params": {"lr": 1e-3}})
+    params = {k: v for k, v in opt_cfg.get("params", {}).items() if k != "torch_adam"}
+    opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}.get(opt_cfg.get("type", "adam").lower())
+    if opt_cls is None:
+        raise ConfigError(f"optimizer type {opt_cfg.get('type')!r}: the single-process mode knows Adam and AdamW")
+    opt = opt_cls(pipe.parameters(), **params)
+    micro, gas = batch_sizes(ds_config)
+    data = TokenStream(tokens, gpt_cfg.seq_len, micro, seed=args.seed + 1)
+    losses, bar = [], progress(args, 0, args.steps)
+    t0 = time.perf_counter()
+    for step in range(args.steps):
+        opt.zero_grad(set_to_none=True)
+        loss = sum(pipe.forward_backward(*next(data), step, scale=1.0 / gas) for _ in range(gas)) / gas
+        clip = ds_config.get("gradient_clipping")
+        if clip:
+            torch.nn.utils.clip_grad_norm_(pipe.parameters(), clip)
+        opt.step()
+        losses.append(loss)
+        _tick(bar, loss, pipe.wire_log.step_totals(step), (step + 1) * gas * micro * gpt_cfg.seq_len, t0)
+    if bar:
+        bar.close()
+    return losses, pipe.wire_log.rows, {"stages": stages, "mode": "in-process", "ranks": 1,
+                                        "layer_ranges": pipe.ranges,
+                                        "codec_impl": sorted({_impl(c) for c in pipe.codecs})}
+
+
+def _impl(codec) -> str:
+    """Which class encoded (the registry's, or the integration's stand-in while it lands)."""
+    return f"{type(codec).__module__}.{type(codec).__name__}"
+
+
+def _tick(bar, loss, totals, tokens_done, t0):
+    if bar is None:
+        return
+    raw, sent = totals
+    bar.set_postfix_str(f"loss {loss:.3f} | {tokens_done / (time.perf_counter() - t0):,.0f} tok/s | "
+                        f"wire {sent / 1e6:.3f} MB/step | {raw / max(sent, 1):.2f}x")
+    bar.update(1)
+
+
+def run_deepspeed(args, ds_config, gw, gpt_cfg, tokens, world):
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.pipe import PipelineModule
+
+    from gradwire.integrations.deepspeed import initialize
+    from gradwire.models.gpt import gpt_layers, lm_loss
+    from gradwire.models.synthetic import TokenStream
+
+    stages = args.stages or world
+    net = PipelineModule(layers=gpt_layers(gpt_cfg, seed=args.seed), num_stages=stages,
+                         loss_fn=lm_loss, partition_method="uniform")
+    cfg = dict(ds_config, gradwire=_section(gw))
+    cfg.setdefault("steps_per_print", 10 ** 9)
+    engine, _, _, _ = initialize(model=net, config=cfg,
+                                 model_parameters=[p for p in net.parameters() if p.requires_grad])
+    rank = dist.get_rank()
+    micro, gas = batch_sizes(ds_config)
+    data = TokenStream(tokens, gpt_cfg.seq_len, micro, seed=args.seed + 1)
+    losses, bar = [], progress(args, rank, args.steps)
+    t0 = time.perf_counter()
+    ch = engine._gw_recv_channel  # rank 0 is stage 0: it sees boundary 0 from the receiving side
+    raw_per_step = gas * micro * gpt_cfg.seq_len * gpt_cfg.width * 4  # fp32 hidden-state gradients
+    prev = 0
+    for step in range(args.steps):
+        loss = float(engine.train_batch(data_iter=data))
+        losses.append(loss)
+        if bar is not None and ch is not None:
+            _tick(bar, loss, (raw_per_step, ch.bytes_received - prev),
+                  (step + 1) * gas * micro * gpt_cfg.seq_len, t0)
+            prev = ch.bytes_received
+    if bar:
+        bar.close()
+    # Gather every rank's telemetry and channel counters to rank 0.
+    chans = [c for c in (engine._gw_send_channel, engine._gw_recv_channel) if c is not None]
+    mine = {"rows": engine.gradwire_rows(), "stage": engine.stage_id,
+            "impl": [_impl(c.codec) for c in chans],
+            "sent": engine._gw_send_channel.bytes_sent if engine._gw_send_channel else 0,
+            "received": engine._gw_recv_channel.bytes_received if engine._gw_recv_channel else 0}
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    rows = [r for e in every for r in e["rows"]]
+    info = {"stages": stages, "mode": "deepspeed-pipeline", "ranks": dist.get_world_size(),
+            "bytes_sent_by_rank": [e["sent"] for e in every],
+            "bytes_received_by_rank": [e["received"] for e in every],
+            "codec_impl": sorted({i for e in every for i in e["impl"]})}
+    dist.barrier()
+    return losses, rows, info, rank
+
+
+def _section(gw):
+    """The validated section back as JSON (so initialize validates the same thing)."""
+    d = {"enabled": gw.enabled, "seed": gw.seed, "refresh_every": gw.refresh_every,
+         "codec": gw.codec.to_dict(), "boundaries": {str(b): s.to_dict() for b, s in gw.boundaries}}
+    return d
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    world = world_from_env()
+    # Everything that can be wrong is checked before any process group or model exists.
+    try:
+        ds_config, gw = load_config(args.config)
+        depth_layers = args.depth + 2
+        stages = args.stages or (world if world > 1 else 2)
+        check_topology(world, stages, depth_layers)
+        if world > 1 and stages != world:
+            raise ConfigError(f"--stages {stages} with {world} ranks: this job runs one stage per "
+                              f"rank (no data parallelism); use --stages {world} or launch {stages} ranks")
+        gw.check_boundaries(stages)
+        if args.baseline and not os.path.exists(args.baseline):
+            raise ConfigError(f"--baseline {args.baseline!r} does not exist (pass a report.json)")
+        from gradwire.models.gpt import GPTConfig
+
+        try:
+            gpt_cfg = GPTConfig(width=args.width, depth=args.depth, heads=args.heads, seq_len=args.seq_len)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        for spec in [gw.codec_for(b) for b in range(stages - 1)]:
+            if spec.name == "nm" and gpt_cfg.width % spec.m:
+                raise ConfigError(f"codec {spec.label}: blocks of {spec.m} along the hidden dimension "
+                                  f"need --width divisible by {spec.m} (got {gpt_cfg.width})")
+        from gradwire.integrations.deepspeed import codec_from_spec
+
+        for b in range(stages - 1):
+            codec_from_spec(gw.codec_for(b))  # an impossible codec fails here, not mid-step
+    except ConfigError as e:
+        print(f"train.py: configuration error: {e}", file=sys.stderr)
+        return 2
+    args.stages = stages
+    torch.set_num_threads(max(1, args.threads))
+    tokens, vocab, floor, data_name = build_data(args)
+    gpt_cfg = GPTConfig(vocab=vocab, width=args.width, depth=args.depth, heads=args.heads, seq_len=args.seq_len)
+    t0 = time.perf_counter()
+    rank = 0
+    if world > 1:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=None if torch.cuda.is_available() else "gloo")
+        losses, rows, info, rank = run_deepspeed(args, ds_config, gw, gpt_cfg, tokens, world)
+    else:
+        losses, rows, info = run_inprocess(args, ds_config, gw, gpt_cfg, tokens)
+    elapsed = time.perf_counter() - t0
+    if rank == 0:
+        _finish(args, gw, gpt_cfg, losses, rows, info, floor, data_name, elapsed, ds_config)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+def _finish(args, gw, gpt_cfg, losses, rows, info, floor, data_name, elapsed, ds_config):
+    from gradwire.report import WireLog, summarize, summary_table, write_report
+
+    log = WireLog()
+    log.extend(rows)
+    name = os.path.splitext(os.path.basename(args.config))[0]
+    micro, gas = batch_sizes(ds_config)
+    rep = summarize(log, losses, {
+        "run": name, "config": os.path.abspath(args.config),
+        "codec": ", ".join(sorted({gw.codec_for(b).label for b in range(info["stages"] - 1)})),
+        "data": data_name, "entropy_floor": floor, "model": gpt_cfg.__dict__,
+        "micro_batch": micro, "micro_batches_per_step": gas, "seconds": elapsed,
+        "tokens_per_second": args.steps * micro * gas * gpt_cfg.seq_len / elapsed,
+        "argv": sys.argv, **info})
+    baseline = None
+    if args.baseline:
+        with open(args.baseline, encoding="utf-8") as f:
+            baseline = json.load(f)
+    out = args.report_dir or gw.report_dir or os.path.join("reports", name)
+    paths = write_report(out, rep, baseline)
+    print(summary_table(rep, baseline))
+    print(f"report: {', '.join(paths)}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
