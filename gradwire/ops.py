@@ -12,20 +12,25 @@ trigger the native load); ``torch.ops.gradwire.*`` is the raw, unchecked entry p
 Ops (schemas in ``SCHEMAS``):
   pack_bits(codes u8[n], bits) -> u8[ceil(n*bits/8)]      LSB-first stream (docs/architecture.md)
   unpack_bits(packed, bits, numel) -> u8[numel]
-  fp_encode(x, exp_bits, man_bits, bias, scale_exp, stochastic, seed, offset)
-      -> (packed u8[ceil(n*bits/8)], stats f64[5])        codes of x*2**scale_exp, packed, plus
+  fp_encode(x, exp_bits, man_bits, bias, subnormals, scale_exp, stochastic, seed, offset)
+      -> (packed u8[ceil(n*bits/8)], stats f64[5])        numerics.fp.encode_codes, packed, plus
                                                           numerics.lognormal.moment_stats(x)
-  fp_decode(packed, numel, exp_bits, man_bits, bias, scale_exp, dtype) -> dtype[numel]
+  fp_decode(packed, numel, exp_bits, man_bits, bias, subnormals, scale_exp, dtype) -> dtype[numel]
   moment_stats(x) -> f64[5]     (n_finite_nonzero, sum log2|x|, sum log2^2|x|, n_zero, n_nonfinite)
   rng_u32(seed, index i64) -> i64   numerics.rng.random_u32; exposes the C++ port for tests
 
-Bit-exactness: packed bytes and decoded values are identical in every implementation; the
-counts in the statistics are exact; the float64 sums agree to ~1e-12 relative (kernels sum
-per-chunk partials in a fixed order, and compute log2 by table + series).
+References: numerics.fp (encode_codes/decode_codes), numerics.lognormal.moment_stats,
+numerics.rng, and the LSB-first packing of docs/architecture.md (here; codec.bitpack sits above
+ops and must not be called from them).
+
+Bit-exactness: packed bytes and decoded values are identical in every implementation. In the
+statistics the counts are exact; the float64 sums are not bit-identical: the reference takes
+log2 in float32 (error <= 2**-24 |log2|x|| per element) while the kernels take it to ~1e-12
+(table + series) and sum per-chunk partials in a fixed order (reproducible run to run and for
+any thread count), so they agree within 2**-24 * sum |log2|x|| (tested).
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -36,7 +41,8 @@ if __name__ == "__main__":  # `python -m gradwire.ops`: report from the real mod
     raise SystemExit(0)
 
 from gradwire import _build
-from gradwire.numerics import rng
+from gradwire.numerics import lognormal, rng
+from gradwire.numerics.fp import FPFormat, Rounding, decode_codes, encode_codes
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STATS_LEN = 5
@@ -44,10 +50,10 @@ STATS_LEN = 5
 SCHEMAS = {
     "pack_bits": "pack_bits(Tensor codes, int bits) -> Tensor",
     "unpack_bits": "unpack_bits(Tensor packed, int bits, int numel) -> Tensor",
-    "fp_encode": "fp_encode(Tensor x, int exp_bits, int man_bits, int bias, int scale_exp, "
-    "bool stochastic, int seed, int offset) -> (Tensor, Tensor)",
+    "fp_encode": "fp_encode(Tensor x, int exp_bits, int man_bits, int bias, bool subnormals, "
+    "int scale_exp, bool stochastic, int seed, int offset) -> (Tensor, Tensor)",
     "fp_decode": "fp_decode(Tensor packed, int numel, int exp_bits, int man_bits, int bias, "
-    "int scale_exp, ScalarType dtype) -> Tensor",
+    "bool subnormals, int scale_exp, ScalarType dtype) -> Tensor",
     "moment_stats": "moment_stats(Tensor x) -> Tensor",
     "rng_u32": "rng_u32(int seed, Tensor index) -> Tensor",
 }
@@ -77,91 +83,29 @@ def _unpack_bits_ref(packed: torch.Tensor, bits: int, numel: int) -> torch.Tenso
     if packed.numel() != _packed_bytes(numel, bits):
         raise ValueError(f"unpack_bits: expected {_packed_bytes(numel, bits)} bytes, got {packed.numel()}")
     p = packed.reshape(-1).to(torch.int64)
+    used = (numel * bits) % 8
+    if used and int(p[-1]) >> used:
+        raise ValueError("unpack_bits: padding bits of the last byte are not zero")
     stream = ((p.unsqueeze(1) >> torch.arange(8, device=p.device)) & 1).reshape(-1)
     stream = stream[: numel * bits].reshape(numel, bits)
     return (stream << torch.arange(bits, device=p.device)).sum(1).to(torch.uint8)
 
 
-def _pow2_f32(k: torch.Tensor) -> torch.Tensor:
-    """Exact float32 2**k for int k in [-149, 127], built from the bit pattern (no libm)."""
-    k = k.to(torch.int32)
-    normal = ((k + 127).clamp(min=1) << 23).view(torch.float32)
-    sub = (torch.ones_like(k) << (k + 149).clamp(0, 22)).view(torch.float32)
-    return torch.where(k >= -126, normal, sub)
+def _fp_encode_ref(x, exp_bits, man_bits, bias, subnormals, scale_exp, stochastic, seed, offset):
+    fmt = FPFormat(exp_bits, man_bits, bias, subnormals)
+    rounding = Rounding.STOCHASTIC if stochastic else Rounding.NEAREST_EVEN
+    codes = encode_codes(x, fmt, rounding, scale_exp=scale_exp, seed=seed, offset=offset)
+    return _pack_bits_ref(codes, fmt.bits), lognormal.moment_stats(x).to(x.device)
 
 
-def _fmt(exp_bits: int, man_bits: int, bias: int) -> tuple[int, int, int, float]:
-    """(bits, emin, max_mag, max_value) of a format with subnormals and no inf/NaN codes."""
-    bits = 1 + exp_bits + man_bits
-    emin = 1 - bias
-    max_mag = (1 << (bits - 1)) - 1
-    max_value = math.ldexp(2 - 2.0**-man_bits, (1 << exp_bits) - 1 - bias)
-    return bits, emin, max_mag, max_value
-
-
-def _fp_encode_codes_ref(x, exp_bits, man_bits, bias, scale_exp, stochastic, seed, offset):
-    """Codes of one float tensor (uint8, flat), by a float formulation independent of the C++.
-
-    y = float32(x) * 2**scale_exp; a = |y|; E = floor(log2 a) (frexp); quantum = 2**(max(E, emin)
-    - m); q = a / quantum (exact); nearest: round half to even; stochastic: floor(q) + (u <
-    frac(q)), u = rng.uniform(seed, offset + i). a > max_value saturates; non-finite x -> the -0
-    code; a result of magnitude 0 is +0 (the -0 code is taken).
-    """
-    bits, emin, max_mag, max_value = _fmt(exp_bits, man_bits, bias)
-    x32 = x.reshape(-1).to(torch.float32)
-    y = x32 * _pow2_f32(torch.tensor(scale_exp))
-    a = y.abs()
-    _, ex = torch.frexp(a)
-    eq = torch.clamp(ex.to(torch.int64) - 1, min=emin)
-    q = a / _pow2_f32(eq - man_bits)
-    if stochastic:
-        qf = torch.floor(q)
-        q = qf + (rng.uniform_like(seed, q, offset) < q - qf).to(q.dtype)
-    else:
-        q = torch.round(q)  # half to even
-    mag = ((eq - emin) << man_bits) + q.to(torch.int64)
-    mag = torch.where(a > max_value, max_mag, mag.clamp(max=max_mag))
-    mag = torch.where(a == 0, 0, mag)
-    code = torch.where(mag > 0, mag | (torch.signbit(y).to(torch.int64) << (bits - 1)), 0)
-    code = torch.where(torch.isfinite(x32), code, 1 << (bits - 1))
-    return code.to(torch.uint8)
-
-
-def _code_table(exp_bits: int, man_bits: int, bias: int) -> torch.Tensor:
-    """float32 value of every code (NaN at the -0 code), by exact Python float arithmetic."""
-    bits, emin, _, _ = _fmt(exp_bits, man_bits, bias)
-    vals = []
-    for code in range(1 << bits):
-        mag = code & ((1 << (bits - 1)) - 1)
-        ef, mf = mag >> man_bits, mag & ((1 << man_bits) - 1)
-        v = math.ldexp(mf, emin - man_bits) if ef == 0 else math.ldexp((1 << man_bits) | mf, ef - 1 + emin - man_bits)
-        vals.append(-v if code >> (bits - 1) else v)
-    vals[1 << (bits - 1)] = float("nan")
-    return torch.tensor(vals, dtype=torch.float32)
+def _fp_decode_ref(packed, numel, exp_bits, man_bits, bias, subnormals, scale_exp, dtype):
+    fmt = FPFormat(exp_bits, man_bits, bias, subnormals)
+    codes = _unpack_bits_ref(packed, fmt.bits, numel)
+    return decode_codes(codes, fmt, scale_exp=scale_exp).to(dtype)
 
 
 def _moment_stats_ref(x: torch.Tensor) -> torch.Tensor:
-    x64 = x.reshape(-1).to(torch.float64)
-    finite = torch.isfinite(x64)
-    nz = x64 != 0
-    lg = torch.log2(x64[finite & nz].abs())
-    out = torch.stack([
-        lg.new_tensor(float(lg.numel())), lg.sum(), (lg * lg).sum(),
-        (finite & ~nz).sum().to(torch.float64), (~finite).sum().to(torch.float64),
-    ])
-    return out.to(torch.float64)
-
-
-def _fp_encode_ref(x, exp_bits, man_bits, bias, scale_exp, stochastic, seed, offset):
-    codes = _fp_encode_codes_ref(x, exp_bits, man_bits, bias, scale_exp, stochastic, seed, offset)
-    return _pack_bits_ref(codes, 1 + exp_bits + man_bits), _moment_stats_ref(x)
-
-
-def _fp_decode_ref(packed, numel, exp_bits, man_bits, bias, scale_exp, dtype):
-    codes = _unpack_bits_ref(packed, 1 + exp_bits + man_bits, numel)
-    table = _code_table(exp_bits, man_bits, bias).to(packed.device)
-    vals = table[codes.to(torch.int64)] * _pow2_f32(torch.tensor(-scale_exp)).to(packed.device)
-    return vals.to(dtype)
+    return lognormal.moment_stats(x).to(x.device)
 
 
 def _rng_u32_ref(seed: int, index: torch.Tensor) -> torch.Tensor:
@@ -192,13 +136,13 @@ def _(packed, bits, numel):
 
 
 @torch.library.register_fake("gradwire::fp_encode")
-def _(x, exp_bits, man_bits, bias, scale_exp, stochastic, seed, offset):
+def _(x, exp_bits, man_bits, bias, subnormals, scale_exp, stochastic, seed, offset):
     n = _packed_bytes(x.numel(), 1 + exp_bits + man_bits)
     return x.new_empty(n, dtype=torch.uint8), x.new_empty(STATS_LEN, dtype=torch.float64)
 
 
 @torch.library.register_fake("gradwire::fp_decode")
-def _(packed, numel, exp_bits, man_bits, bias, scale_exp, dtype):
+def _(packed, numel, exp_bits, man_bits, bias, subnormals, scale_exp, dtype):
     return packed.new_empty(numel, dtype=dtype)
 
 
@@ -220,20 +164,20 @@ def _native() -> None:
 def _check_float(x: torch.Tensor, name: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name}: expected float32, bfloat16 or float16, got {x.dtype}")
+    if x.dtype not in _FLOAT_DTYPES + (torch.float64,):
+        raise TypeError(f"{name}: expected float32, bfloat16, float16 (or float64), got {x.dtype}")
 
 
-def _check_format(exp_bits: int, man_bits: int, bias: int | None, scale_exp: int) -> int:
-    if not (exp_bits >= 1 and man_bits >= 0 and 1 + exp_bits + man_bits <= 8):
-        raise ValueError(f"need exp_bits >= 1, man_bits >= 0, 1+exp_bits+man_bits <= 8; got {exp_bits}, {man_bits}")
-    bias = (1 << (exp_bits - 1)) - 1 if bias is None else int(bias)
-    # Every value and quantum must be a float32 number, so the float32 algorithm is exact.
-    if 1 - bias - man_bits < -140 or (1 << exp_bits) - 1 - bias > 126:
-        raise ValueError(f"bias {bias} puts the format outside the float32 range")
-    if not -127 <= scale_exp <= 127:
-        raise ValueError(f"scale_exp must be in [-127, 127], got {scale_exp}")
-    return bias
+def _check_fmt(fmt) -> FPFormat:
+    if not isinstance(fmt, FPFormat):
+        raise TypeError(f"fmt must be a numerics.fp.FPFormat, got {type(fmt).__name__}")
+    return fmt  # FPFormat validated its own fields (float32 range, bits <= 8)
+
+
+def _check_scale(scale_exp) -> int:
+    if isinstance(scale_exp, bool) or not isinstance(scale_exp, int):
+        raise TypeError(f"scale_exp must be an int, got {type(scale_exp).__name__}")
+    return max(-1000, min(1000, scale_exp))  # as numerics.fp: beyond, nothing changes
 
 
 def _check_bytes(packed: torch.Tensor, numel: int, bits: int, name: str) -> None:
@@ -264,42 +208,56 @@ def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     return torch.ops.gradwire.unpack_bits(packed.contiguous(), bits, numel)
 
 
-def fp_encode(x: torch.Tensor, exp_bits: int, man_bits: int, *, bias: int | None = None,
-              scale_exp: int = 0, stochastic: bool = False, seed: int = 0,
-              offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes of ``x * 2**scale_exp`` in a 1+exp_bits+man_bits format, packed, and the moment
-    statistics of ``x`` from the same pass: ``(packed uint8, stats float64[5])``.
+def fp_encode(x: torch.Tensor, fmt: FPFormat, rounding: Rounding | str = Rounding.NEAREST_EVEN, *,
+              scale_exp: int = 0, seed: int = 0, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``numerics.fp.encode_codes`` packed, plus ``lognormal.moment_stats(x)`` from the same pass.
 
-    Stochastic rounding draws ``rng.uniform(seed, offset + i)`` for flat element i. Non-finite
-    elements get the -0 code; magnitudes above the format's max saturate. Empty ``x`` gives an
-    empty payload and zero statistics. ``bias`` defaults to 2**(exp_bits-1) - 1.
+    Returns ``(packed uint8[ceil(numel*fmt.bits/8)], stats float64[5])`` on ``x.device``.
+    Stochastic rounding draws ``rng.uniform(seed, offset + i)`` for flat element i. Accepts
+    float32/bfloat16/float16 (TypeError otherwise; float64 is rounded to float32 first, finite
+    values clamped to the float32 range as numerics.fp does). Any shape and strides; empty ``x``
+    gives an empty payload and zero statistics.
     """
     _check_float(x, "fp_encode")
-    bias = _check_format(exp_bits, man_bits, bias, scale_exp)
+    if x.dtype == torch.float64:  # kernels read 16/32-bit floats; same rounding as numerics.fp
+        fmax = torch.finfo(torch.float32).max
+        x = torch.where(torch.isfinite(x), x.clamp(-fmax, fmax), x).to(torch.float32)
+    fmt = _check_fmt(fmt)
+    rounding = Rounding(rounding) if isinstance(rounding, str) else rounding
+    if not isinstance(rounding, Rounding):
+        raise TypeError(f"rounding must be a Rounding, got {type(rounding).__name__}")
+    scale_exp = _check_scale(scale_exp)
     rng.check_seed(seed)
-    if offset < 0:
-        raise ValueError(f"fp_encode: offset must be >= 0, got {offset}")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"fp_encode: offset must be an int >= 0, got {offset!r}")
     _native()
-    return torch.ops.gradwire.fp_encode(x.contiguous(), exp_bits, man_bits, bias, scale_exp,
-                                        bool(stochastic), seed, offset)
+    return torch.ops.gradwire.fp_encode(
+        x.contiguous(), fmt.exp_bits, fmt.man_bits, fmt.bias, fmt.subnormals, scale_exp,
+        rounding is Rounding.STOCHASTIC, seed, offset)
 
 
-def fp_decode(packed: torch.Tensor, numel: int, exp_bits: int, man_bits: int, *,
-              bias: int | None = None, scale_exp: int = 0,
+def fp_decode(packed: torch.Tensor, numel: int, fmt: FPFormat, *, scale_exp: int = 0,
               dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Values (flat, ``dtype``) of ``numel`` packed codes, times 2**-scale_exp; NaN for the -0 code."""
+    """``numerics.fp.decode_codes`` of ``numel`` packed codes, cast to ``dtype``: flat, on
+    ``packed.device``; NaN for the non-finite code. ValueError if the byte count is not
+    ceil(numel*bits/8) or the last byte's padding bits are not zero."""
     if dtype not in _FLOAT_DTYPES:
         raise TypeError(f"fp_decode: dtype must be float32, bfloat16 or float16, got {dtype}")
-    bias = _check_format(exp_bits, man_bits, bias, scale_exp)
-    _check_bytes(packed, numel, 1 + exp_bits + man_bits, "fp_decode")
+    fmt = _check_fmt(fmt)
+    scale_exp = _check_scale(scale_exp)
+    _check_bytes(packed, numel, fmt.bits, "fp_decode")
     _native()
-    return torch.ops.gradwire.fp_decode(packed.contiguous(), numel, exp_bits, man_bits, bias,
-                                        scale_exp, dtype)
+    return torch.ops.gradwire.fp_decode(packed.contiguous(), numel, fmt.exp_bits, fmt.man_bits,
+                                        fmt.bias, fmt.subnormals, scale_exp, dtype)
 
 
 def moment_stats(x: torch.Tensor) -> torch.Tensor:
-    """float64[5]: (n_finite_nonzero, sum log2|x|, sum log2^2|x|, n_zero, n_nonfinite)."""
+    """float64[5]: (n_finite_nonzero, sum log2|x|, sum log2^2|x|, n_zero, n_nonfinite).
+
+    float64 input goes to the reference (``lognormal.moment_stats``) as it is."""
     _check_float(x, "moment_stats")
+    if x.dtype == torch.float64:
+        return lognormal.moment_stats(x).to(x.device)
     _native()
     return torch.ops.gradwire.moment_stats(x.contiguous())
 

@@ -10,18 +10,19 @@
 
 namespace gradwire {
 
-// Parameters of a sign/exponent/mantissa format with subnormals and no inf/NaN codes: every
-// exponent field value encodes finite numbers and the "-0" code (sign bit alone) means
-// "non-finite" (docs/architecture.md, numerics.fp). bits = 1 + exp_bits + man_bits <= 8.
+// Parameters of a sign/exponent/mantissa format (gradwire/numerics/fp.py is the oracle): every
+// exponent field encodes finite numbers and the "-0" code (sign bit alone) means "non-finite".
+// bits = 1 + exp_bits + man_bits <= 8.
 struct FpParams {
   int man_bits;
   int emin;            // 1 - bias: exponent of the smallest normal (and of the subnormal grid)
+  int emax;            // 2**exp_bits - 1 - bias: exponent of the top binade
   int bits;            // total bits per code
+  int subnormals;      // 0: exponent-field-0 codes are all zero (values round between 0 and min_normal)
+  int scale_exp;       // the value encoded is x * 2**scale_exp, applied to the exponent (exact)
+  int stochastic;      // 0: round to nearest, ties to even; 1: stochastic rounding
   uint32_t max_mag;    // all-ones magnitude: the largest finite value
   uint32_t nonfinite;  // 1 << (bits - 1)
-  float max_value;     // value of max_mag (exact in float32 for every supported format)
-  float scale;         // 2**scale_exp, applied to x before rounding (exact power of two)
-  int stochastic;      // 0: round to nearest, ties to even; 1: stochastic rounding
 };
 
 GW_HD uint32_t f32_bits(float x) {
@@ -36,41 +37,71 @@ GW_HD float f32_from_bits(uint32_t u) {
   return x;
 }
 
-// Code of one element. The decision is the exact real-number one (see gradwire/ops.py,
-// `_fp_encode_reference`, for the float formulation it matches):
-//   a = |x * 2**scale_exp| (float32 multiply); a > max_value saturates to max_mag;
-//   lo, lo + quantum = the two representable neighbours of a, quantum = 2**(max(E, emin) - m);
-//   nearest: round half to even; stochastic: round up iff u < (a - lo) / quantum,
-//   u = uniform01(seed, index) = (random_u32 >> 8) * 2**-24.
-// Both sides of that comparison are exact, so it is done here in integers:
-//   u < rem / 2**shift  <=>  r24 * 2**shift < rem * 2**24.
+GW_HD int clz32(uint32_t v) {
+#if defined(__CUDA_ARCH__)
+  return __clz(v);
+#else
+  return __builtin_clz(v);  // v != 0 at every call site
+#endif
+}
+
+// Code of one element, the decision of numerics/fp.py::encode_codes made in integers.
+// |x| = sig * 2**(e - 23) with sig in [2**23, 2**24) (float32 subnormals normalised), so
+// |x| * 2**scale_exp has exponent Ey = e + scale_exp: the scale never touches a float.
+// The grid cell has exponent Eq = max(Ey, emin) and spacing 2**(Eq - m) (2**emin for the
+// flush-to-zero cell of a format without subnormals), i.e. the code grid is sig >> shift with
+//   shift = 23 - m' + (Eq - Ey),   m' = m (or 0 in the no-subnormal cell).
+// q = sig >> shift is the lower neighbour, rem / 2**shift the exact fraction towards the upper:
+//   nearest: up iff rem > half or (rem == half and the lower code is odd)
+//   stochastic: up iff u < rem / 2**shift, u = r24 * 2**-24  <=>  r24 * 2**shift < rem * 2**24.
+// Shifts are capped at 63: sig < 2**24, so every shift >= 25 takes the same decisions (the
+// oracle's n >= -25 clamp is the same observation).
 GW_HD uint32_t fp_encode_one(float x, const FpParams& p, RngKeys keys, uint64_t index) {
   const uint32_t xb = f32_bits(x);
   if ((xb & 0x7F800000u) == 0x7F800000u) return p.nonfinite;  // Inf/NaN are data
-  const uint32_t yb = f32_bits(x * p.scale);
-  const uint32_t sign = yb >> 31;
-  const uint32_t ab = yb & 0x7FFFFFFFu;
+  const uint32_t ab = xb & 0x7FFFFFFFu;
+  if (ab == 0) return 0u;
+  const uint32_t sign = xb >> 31;
+  const int ea = static_cast<int>(ab >> 23);
+  uint64_t sig;
+  int e;
+  if (ea) {
+    sig = (ab & 0x7FFFFFu) | 0x800000u;
+    e = ea - 127;
+  } else {  // float32 subnormal: normalise so that bit 23 is the leading one
+    const int sh = clz32(ab) - 8;
+    sig = static_cast<uint64_t>(ab) << sh;
+    e = -126 - sh;
+  }
+  const int ey = e + p.scale_exp;
   uint32_t mag;
-  if (!(f32_from_bits(ab) <= p.max_value)) {
-    mag = p.max_mag;  // saturate (also catches overflow of the scaling to +inf)
+  if (ey > p.emax) {
+    mag = p.max_mag;  // saturate: there is no upper neighbour
   } else {
-    const int ea = static_cast<int>(ab >> 23);
-    const uint64_t sig = (ab & 0x7FFFFFu) | (ea ? 0x800000u : 0u);
-    const int e = ea ? ea - 127 : -126;
-    const int eq = e > p.emin ? e : p.emin;
-    int shift = 23 - p.man_bits + (eq - e);
-    if (shift > 63) shift = 63;  // sig < 2**24: every shift >= 25 rounds alike
+    const int cell_normal = ey >= p.emin;
+    const int eq = cell_normal ? ey : p.emin;
+    const int mb = (cell_normal || p.subnormals) ? p.man_bits : 0;
+    int shift = 23 - mb + (eq - ey);
+    if (shift > 63) shift = 63;
     const uint64_t q = sig >> shift;
     const uint64_t rem = sig - (q << shift);
+    // Code of the lower neighbour (q is 0 in the flush-to-zero cell, whose lower code is 0).
+    const uint32_t lo = (cell_normal || p.subnormals)
+                            ? (static_cast<uint32_t>(eq - p.emin) << p.man_bits) + static_cast<uint32_t>(q)
+                            : 0u;
     uint32_t up;
     if (p.stochastic) {
       const uint64_t r24 = random_u32(keys, index) >> 8;
       up = shift <= 24 ? (r24 < (rem << (24 - shift))) : ((r24 << (shift - 24)) < rem);
     } else {
       const uint64_t half = uint64_t(1) << (shift - 1);
-      up = (rem > half) || (rem == half && (q & 1u));
+      // Ties go to the even *code* (with man_bits = 0 the exponent field's LSB decides).
+      up = (rem > half) || (rem == half && (lo & 1u));
     }
-    mag = (static_cast<uint32_t>(eq - p.emin) << p.man_bits) + static_cast<uint32_t>(q) + up;
+    if (cell_normal || p.subnormals)
+      mag = lo + up;
+    else
+      mag = up << p.man_bits;  // between 0 and min_normal
     if (mag > p.max_mag) mag = p.max_mag;
   }
   // -0 is the non-finite code, so a value that rounds to zero is +0 whatever its sign.
@@ -78,20 +109,19 @@ GW_HD uint32_t fp_encode_one(float x, const FpParams& p, RngKeys keys, uint64_t 
 }
 
 // float32 value of a code, before the 2**-scale_exp of decoding (NaN for the non-finite code).
-GW_HD float fp_code_value(uint32_t code, int man_bits, int emin, int bits) {
+GW_HD float fp_code_value(uint32_t code, int man_bits, int emin, int bits, int subnormals) {
   const uint32_t nonfinite = 1u << (bits - 1);
   if (code == nonfinite) return f32_from_bits(0x7FC00000u);
   const uint32_t mag = code & (nonfinite - 1u);
   const uint32_t ef = mag >> man_bits;
   const uint32_t mf = mag & ((1u << man_bits) - 1u);
-  // value = significand * 2**(exp - man_bits); built from bits so it is exact (no libm).
-  const uint32_t sigv = ef ? (mf | (1u << man_bits)) : mf;
+  // value = significand * 2**exp2, built from bits so it is exact (no libm).
+  const uint32_t sigv = ef ? (mf | (1u << man_bits)) : (subnormals ? mf : 0u);
   const int exp2 = (ef ? static_cast<int>(ef) - 1 : 0) + emin - man_bits;
-  // sigv < 2**8 and exp2 >= -149 + 8 for every supported format: sigv * 2**exp2 is exact.
-  float v = static_cast<float>(sigv);
-  float s = exp2 >= -126 ? f32_from_bits(static_cast<uint32_t>(exp2 + 127) << 23)
-                         : f32_from_bits(1u << (exp2 + 149));
-  v = v * s;
+  // sigv < 2**8 and exp2 >= -149 for every format the oracle accepts: the product is exact.
+  const float s = exp2 >= -126 ? f32_from_bits(static_cast<uint32_t>(exp2 + 127) << 23)
+                               : f32_from_bits(1u << (exp2 + 149));
+  const float v = static_cast<float>(sigv) * s;
   return (code & nonfinite) ? -v : v;
 }
 

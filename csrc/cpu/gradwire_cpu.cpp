@@ -102,22 +102,25 @@ void check_float_input(const at::Tensor& x, const char* op) {
 
 inline int64_t packed_bytes(int64_t n, int64_t bits) { return (n * bits + 7) / 8; }
 
-FpParams make_params(int64_t exp_bits, int64_t man_bits, int64_t bias, int64_t scale_exp,
-                     bool stochastic) {
-  TORCH_CHECK(exp_bits >= 1 && man_bits >= 0 && 1 + exp_bits + man_bits <= 8,
-              "fp format: need exp_bits >= 1, man_bits >= 0, 1 + exp_bits + man_bits <= 8");
-  TORCH_CHECK(scale_exp >= -127 && scale_exp <= 127, "scale_exp must be in [-127, 127]");
+// Same limits as numerics.fp.FPFormat: every format value is exact in float32.
+FpParams make_params(int64_t exp_bits, int64_t man_bits, int64_t bias, bool subnormals,
+                     int64_t scale_exp, bool stochastic) {
+  TORCH_CHECK(exp_bits >= 1 && exp_bits <= 7 && man_bits >= 0 && 1 + exp_bits + man_bits <= 8,
+              "fp format: need 1 <= exp_bits <= 7, man_bits >= 0, 1 + exp_bits + man_bits <= 8");
+  const int64_t emax = ((int64_t(1) << exp_bits) - 1) - bias;
+  TORCH_CHECK(emax <= 127 && (1 - bias) - man_bits >= -149, "fp format: bias ", bias,
+              " puts the format outside the float32 range");
   FpParams p;
   p.man_bits = static_cast<int>(man_bits);
   p.emin = static_cast<int>(1 - bias);
+  p.emax = static_cast<int>(emax);
   p.bits = static_cast<int>(1 + exp_bits + man_bits);
-  TORCH_CHECK(p.emin - p.man_bits >= -140 && ((1 << exp_bits) - 1) - bias <= 126,
-              "fp format: bias ", bias, " puts values outside float32 range");
+  p.subnormals = subnormals ? 1 : 0;
+  // Like the oracle: beyond +-1000 every element saturates or rounds to zero anyway.
+  p.scale_exp = static_cast<int>(std::max<int64_t>(-1000, std::min<int64_t>(1000, scale_exp)));
+  p.stochastic = stochastic ? 1 : 0;
   p.max_mag = (1u << (p.bits - 1)) - 1u;
   p.nonfinite = 1u << (p.bits - 1);
-  p.max_value = fp_code_value(p.max_mag, p.man_bits, p.emin, p.bits);
-  p.scale = std::ldexp(1.0f, static_cast<int>(scale_exp));
-  p.stochastic = stochastic ? 1 : 0;
   return p;
 }
 
@@ -153,12 +156,12 @@ void fp_encode_chunks(const T* x, uint8_t* out, int64_t n, const FpParams& p, Rn
 
 std::tuple<at::Tensor, at::Tensor> fp_encode_cpu(const at::Tensor& x_in, int64_t exp_bits,
                                                  int64_t man_bits, int64_t bias,
-                                                 int64_t scale_exp, bool stochastic, int64_t seed,
-                                                 int64_t offset) {
+                                                 bool subnormals, int64_t scale_exp,
+                                                 bool stochastic, int64_t seed, int64_t offset) {
   check_float_input(x_in, "gradwire::fp_encode");
   TORCH_CHECK(seed >= 0 && seed <= 0xFFFFFFFFll, "seed must be in [0, 2**32)");
   TORCH_CHECK(offset >= 0, "offset must be >= 0");
-  const FpParams p = make_params(exp_bits, man_bits, bias, scale_exp, stochastic);
+  const FpParams p = make_params(exp_bits, man_bits, bias, subnormals, scale_exp, stochastic);
   const at::Tensor x = x_in.contiguous();
   const int64_t n = x.numel();
   at::Tensor out = at::empty({packed_bytes(n, p.bits)}, x.options().dtype(at::kByte));
@@ -201,23 +204,27 @@ void fp_decode_chunks(const uint8_t* in, T* y, int64_t n, int bits, const T* tab
 }
 
 at::Tensor fp_decode_cpu(const at::Tensor& packed_in, int64_t numel, int64_t exp_bits,
-                         int64_t man_bits, int64_t bias, int64_t scale_exp, at::ScalarType dtype) {
+                         int64_t man_bits, int64_t bias, bool subnormals, int64_t scale_exp,
+                         at::ScalarType dtype) {
   TORCH_CHECK(packed_in.device().is_cpu(), "gradwire::fp_decode: expected a CPU tensor");
   TORCH_CHECK(packed_in.scalar_type() == at::kByte, "gradwire::fp_decode: packed must be uint8");
   TORCH_CHECK(numel >= 0, "gradwire::fp_decode: numel must be >= 0");
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
               "gradwire::fp_decode: dtype must be float32, bfloat16 or float16");
-  const FpParams p = make_params(exp_bits, man_bits, bias, scale_exp, false);
+  const FpParams p = make_params(exp_bits, man_bits, bias, subnormals, scale_exp, false);
   TORCH_CHECK(packed_in.numel() == packed_bytes(numel, p.bits), "gradwire::fp_decode: expected ",
               packed_bytes(numel, p.bits), " bytes for ", numel, " codes of ", p.bits,
               " bits, got ", packed_in.numel());
   const at::Tensor packed = packed_in.contiguous();
   // The decoded value is a pure function of the code: one table of 2**bits entries, computed
-  // exactly as the reference does (float32 value times float32 2**-scale_exp, then the cast).
-  const float inv = std::ldexp(1.0f, static_cast<int>(-scale_exp));
+  // as the oracle does (numerics.fp.decode_codes): float32 value times 2**-scale_exp in
+  // float64 (exact), one rounding to float32, then the cast to dtype.
+  const double inv = std::ldexp(1.0, -p.scale_exp);
   float tf[256];
+  for (int c = 0; c < 256; ++c) tf[c] = 0.0f;
   for (uint32_t c = 0; c < (1u << p.bits); ++c)
-    tf[c] = fp_code_value(c, p.man_bits, p.emin, p.bits) * inv;
+    tf[c] = static_cast<float>(
+        static_cast<double>(fp_code_value(c, p.man_bits, p.emin, p.bits, p.subnormals)) * inv);
   at::Tensor y = at::empty({numel}, packed.options().dtype(dtype));
   const uint8_t* in = packed.data_ptr<uint8_t>();
   if (dtype == at::kFloat) {
@@ -278,9 +285,15 @@ at::Tensor unpack_bits_cpu(const at::Tensor& packed_in, int64_t bits, int64_t nu
   TORCH_CHECK(numel >= 0, "gradwire::unpack_bits: numel must be >= 0");
   TORCH_CHECK(packed_in.numel() == packed_bytes(numel, bits), "gradwire::unpack_bits: expected ",
               packed_bytes(numel, bits), " bytes, got ", packed_in.numel());
+  const at::Tensor packed_c = packed_in.contiguous();
+  const int64_t used = (numel * bits) % 8;
+  if (used) {
+    const uint8_t last = packed_c.data_ptr<uint8_t>()[packed_c.numel() - 1];
+    TORCH_CHECK((last >> used) == 0, "gradwire::unpack_bits: padding bits of the last byte are not zero");
+  }
   uint8_t ident[256];
   for (int i = 0; i < 256; ++i) ident[i] = static_cast<uint8_t>(i);
-  const at::Tensor packed = packed_in.contiguous();
+  const at::Tensor& packed = packed_c;
   at::Tensor out = at::empty({numel}, packed.options());
   fp_decode_chunks(packed.data_ptr<uint8_t>(), out.data_ptr<uint8_t>(), numel,
                    static_cast<int>(bits), ident);
