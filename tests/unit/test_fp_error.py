@@ -105,7 +105,7 @@ def test_optimal_scale_is_argmin(fmt, mu, sigma, rounding):
     assert errs[best] <= min(errs.values()) * (1 + 1e-9)
     # Monte Carlo with common random numbers (same samples, same uniforms) at best and +-1: the
     # paired difference has standard error sd(d)/sqrt(n); best must not lose by 6 of those.
-    n = 400_000
+    n = 200_000
     gen = torch.Generator().manual_seed(5)
     x = torch.exp2(torch.randn(n, generator=gen, dtype=torch.float64) * sigma + mu).float()
     x64 = x.double()
