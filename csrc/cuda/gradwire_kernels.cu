@@ -1,0 +1,260 @@
+// CUDA kernels for the gradwire ops: framework-free (no torch headers), C API in gradwire_cuda.h.
+//
+// Memory layout for bandwidth: one thread owns a group of 8 consecutive elements, so its input
+// is one 16-byte (bf16/fp16) or 2 x 16-byte (fp32) aligned vector load, and its output is the
+// `bits` whole bytes those 8 codes occupy in the LSB-first stream (groups start byte-aligned),
+// written as consecutive bytes by consecutive threads. One pass reads x once: the codes and the
+// moment statistics for the next refresh come out of the same loads. Statistics: per-thread
+// float64 accumulators -> per-block tree reduction -> per-block partials -> one final block sums
+// them in block order, so results do not depend on scheduling. Compile without --use_fast_math:
+// the encode is integer arithmetic and must stay bit-exact with numerics/fp.py.
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdint.h>
+
+#include "../common/fp_codec.h"
+#include "gradwire_cuda.h"
+
+namespace {
+
+using namespace gradwire;
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxBlocks = 4096;
+
+__device__ __forceinline__ float load_f32(const void* x, int dtype, int64_t i) {
+  if (dtype == GW_F32) return static_cast<const float*>(x)[i];
+  const uint16_t h = static_cast<const uint16_t*>(x)[i];
+  if (dtype == GW_BF16) return f32_from_bits(static_cast<uint32_t>(h) << 16);
+  return __half2float(__ushort_as_half(h));
+}
+
+// 8 consecutive elements starting at g (g % 8 == 0), with a vector load when aligned.
+__device__ __forceinline__ void load8(const void* x, int dtype, int64_t g, int cnt, float v[8]) {
+  const bool full = cnt == 8;
+  if (full && dtype != GW_F32 &&
+      (reinterpret_cast<uintptr_t>(static_cast<const uint16_t*>(x) + g) & 15u) == 0) {
+    const uint4 w = *reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(x) + g);
+    const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+    for (int j = 0; j < 4; ++j) {
+      const uint16_t lo = words[j] & 0xFFFFu, hi = words[j] >> 16;
+      if (dtype == GW_BF16) {
+        v[2 * j] = f32_from_bits(static_cast<uint32_t>(lo) << 16);
+        v[2 * j + 1] = f32_from_bits(static_cast<uint32_t>(hi) << 16);
+      } else {
+        v[2 * j] = __half2float(__ushort_as_half(lo));
+        v[2 * j + 1] = __half2float(__ushort_as_half(hi));
+      }
+    }
+    return;
+  }
+  if (full && dtype == GW_F32 &&
+      (reinterpret_cast<uintptr_t>(static_cast<const float*>(x) + g) & 15u) == 0) {
+    const float4 a = *reinterpret_cast<const float4*>(static_cast<const float*>(x) + g);
+    const float4 b = *reinterpret_cast<const float4*>(static_cast<const float*>(x) + g + 4);
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+    v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+    return;
+  }
+  for (int j = 0; j < 8; ++j) v[j] = j < cnt ? load_f32(x, dtype, g + j) : 0.0f;
+}
+
+struct Acc5 {
+  double v[5];  // n_finite_nonzero, sum log2, sum log2^2, n_zero, n_nonfinite
+};
+
+__device__ __forceinline__ void acc_add(Acc5& a, float x) {
+  const uint32_t ab = f32_bits(x) & 0x7FFFFFFFu;
+  if (ab >= 0x7F800000u) {
+    a.v[4] += 1.0;
+  } else if (ab == 0) {
+    a.v[3] += 1.0;
+  } else {
+    const double l = log2(static_cast<double>(f32_from_bits(ab)));
+    a.v[0] += 1.0;
+    a.v[1] += l;
+    a.v[2] += l * l;
+  }
+}
+
+// Block-wide tree reduction (fixed shape) of each thread's Acc5 into scratch[blockIdx.x * 5 + k].
+__device__ void block_reduce_store(Acc5& a, double* scratch) {
+  __shared__ double sh[5][kThreads];
+  for (int k = 0; k < 5; ++k) sh[k][threadIdx.x] = a.v[k];
+  __syncthreads();
+  for (int s = kThreads / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s)
+      for (int k = 0; k < 5; ++k) sh[k][threadIdx.x] += sh[k][threadIdx.x + s];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0)
+    for (int k = 0; k < 5; ++k) scratch[blockIdx.x * 5 + k] = sh[k][0];
+}
+
+__global__ void finalize_stats(const double* scratch, int64_t nblocks, double* stats) {
+  const int k = threadIdx.x;
+  if (k < 5) {
+    double s = 0.0;
+    for (int64_t b = 0; b < nblocks; ++b) s += scratch[b * 5 + k];  // block order
+    stats[k] = s;
+  }
+}
+
+int64_t blocks_for(int64_t groups) {
+  int64_t b = (groups + kThreads - 1) / kThreads;
+  if (b > kMaxBlocks) b = kMaxBlocks;
+  return b < 1 ? 1 : b;
+}
+
+__global__ void fp_encode_kernel(const void* x, int dtype, int64_t n, FpParams p, RngKeys keys,
+                                 uint64_t offset, uint8_t* out, double* scratch) {
+  Acc5 acc = {{0, 0, 0, 0, 0}};
+  const int64_t groups = (n + 7) / 8;
+  for (int64_t gi = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; gi < groups;
+       gi += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t g = gi * 8;
+    const int cnt = n - g < 8 ? static_cast<int>(n - g) : 8;
+    float v[8];
+    load8(x, dtype, g, cnt, v);
+    uint32_t codes[8];
+    for (int j = 0; j < 8; ++j) {
+      codes[j] = 0;
+      if (j < cnt) {
+        acc_add(acc, v[j]);
+        codes[j] = fp_encode_one(v[j], p, keys, offset + static_cast<uint64_t>(g + j));
+      }
+    }
+    const uint64_t w = pack8(codes, p.bits);
+    const int nb = cnt == 8 ? p.bits : (cnt * p.bits + 7) / 8;
+    uint8_t* o = out + gi * p.bits;
+    for (int b = 0; b < nb; ++b) o[b] = static_cast<uint8_t>(w >> (8 * b));
+  }
+  block_reduce_store(acc, scratch);
+}
+
+__global__ void moment_stats_kernel(const void* x, int dtype, int64_t n, double* scratch) {
+  Acc5 acc = {{0, 0, 0, 0, 0}};
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    acc_add(acc, load_f32(x, dtype, i));
+  block_reduce_store(acc, scratch);
+}
+
+struct Table256 {
+  uint32_t v[256];
+};
+
+__global__ void unpack_map_kernel(const uint8_t* in, int64_t n, int bits, Table256 table,
+                                  int out_bytes, void* out) {
+  const int64_t groups = (n + 7) / 8;
+  const uint64_t mask = (uint64_t(1) << bits) - 1;
+  for (int64_t gi = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; gi < groups;
+       gi += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t g = gi * 8;
+    const int cnt = n - g < 8 ? static_cast<int>(n - g) : 8;
+    const int nb = cnt == 8 ? bits : (cnt * bits + 7) / 8;
+    const uint8_t* src = in + gi * bits;
+    uint64_t w = 0;
+    for (int b = 0; b < nb; ++b) w |= static_cast<uint64_t>(src[b]) << (8 * b);
+    for (int j = 0; j < cnt; ++j) {
+      const uint32_t t = table.v[(w >> (j * bits)) & mask];
+      if (out_bytes == 1) static_cast<uint8_t*>(out)[g + j] = static_cast<uint8_t>(t);
+      else if (out_bytes == 2) static_cast<uint16_t*>(out)[g + j] = static_cast<uint16_t>(t);
+      else static_cast<uint32_t*>(out)[g + j] = t;
+    }
+  }
+}
+
+__global__ void pack_bits_kernel(const uint8_t* codes, int64_t n, int bits, uint8_t* out,
+                                 int* bad) {
+  const int64_t groups = (n + 7) / 8;
+  for (int64_t gi = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; gi < groups;
+       gi += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t g = gi * 8;
+    const int cnt = n - g < 8 ? static_cast<int>(n - g) : 8;
+    uint32_t c[8];
+    uint32_t ored = 0;
+    for (int j = 0; j < 8; ++j) {
+      c[j] = j < cnt ? codes[g + j] : 0u;
+      ored |= c[j];
+    }
+    if (ored >> bits) *bad = 1;
+    const uint64_t w = pack8(c, bits);
+    const int nb = cnt == 8 ? bits : (cnt * bits + 7) / 8;
+    for (int b = 0; b < nb; ++b) out[gi * bits + b] = static_cast<uint8_t>(w >> (8 * b));
+  }
+}
+
+__global__ void rng_kernel(RngKeys k, const int64_t* index, int64_t n, int64_t* out) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    out[i] = static_cast<int64_t>(random_u32(k, static_cast<uint64_t>(index[i])));
+}
+
+FpParams to_params(const GwFpArgs& a) {
+  FpParams p;
+  p.man_bits = a.man_bits;
+  p.emin = 1 - a.bias;
+  p.emax = ((1 << a.exp_bits) - 1) - a.bias;
+  p.bits = 1 + a.exp_bits + a.man_bits;
+  p.subnormals = a.subnormals;
+  p.scale_exp = a.scale_exp;
+  p.stochastic = a.stochastic;
+  p.max_mag = (1u << (p.bits - 1)) - 1u;
+  p.nonfinite = 1u << (p.bits - 1);
+  return p;
+}
+
+}  // namespace
+
+extern "C" {
+
+// blocks_for(n) >= blocks_for(groups): enough for both the encode and the stats kernel.
+int64_t gw_stats_scratch(int64_t n) { return 5 * blocks_for(n); }
+
+int gw_fp_encode(const void* x, int dtype, int64_t n, GwFpArgs args, uint32_t seed,
+                 uint64_t offset, uint8_t* out, double* scratch, double* stats, void* stream) {
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const int64_t nb = blocks_for((n + 7) / 8);
+  fp_encode_kernel<<<static_cast<unsigned>(nb), kThreads, 0, s>>>(x, dtype, n, to_params(args),
+                                                                  rng_keys(seed), offset, out,
+                                                                  scratch);
+  finalize_stats<<<1, 32, 0, s>>>(scratch, nb, stats);
+  return static_cast<int>(cudaGetLastError());
+}
+
+int gw_moment_stats(const void* x, int dtype, int64_t n, double* scratch, double* stats,
+                    void* stream) {
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const int64_t nb = blocks_for(n);
+  moment_stats_kernel<<<static_cast<unsigned>(nb), kThreads, 0, s>>>(x, dtype, n, scratch);
+  finalize_stats<<<1, 32, 0, s>>>(scratch, nb, stats);
+  return static_cast<int>(cudaGetLastError());
+}
+
+int gw_unpack_map(const uint8_t* in, int64_t n, int bits, const uint32_t* table256,
+                  int out_bytes, void* out, void* stream) {
+  if (n == 0) return 0;
+  Table256 t;
+  for (int i = 0; i < 256; ++i) t.v[i] = table256[i];
+  unpack_map_kernel<<<static_cast<unsigned>(blocks_for((n + 7) / 8)), kThreads, 0,
+                      static_cast<cudaStream_t>(stream)>>>(in, n, bits, t, out_bytes, out);
+  return static_cast<int>(cudaGetLastError());
+}
+
+int gw_pack_bits(const uint8_t* codes, int64_t n, int bits, uint8_t* out, int* bad, void* stream) {
+  if (n == 0) return 0;
+  pack_bits_kernel<<<static_cast<unsigned>(blocks_for((n + 7) / 8)), kThreads, 0,
+                     static_cast<cudaStream_t>(stream)>>>(codes, n, bits, out, bad);
+  return static_cast<int>(cudaGetLastError());
+}
+
+int gw_rng_u32(uint32_t seed, const int64_t* index, int64_t n, int64_t* out, void* stream) {
+  if (n == 0) return 0;
+  rng_kernel<<<static_cast<unsigned>(blocks_for(n)), kThreads, 0,
+               static_cast<cudaStream_t>(stream)>>>(rng_keys(seed), index, n, out);
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // extern "C"
