@@ -11,8 +11,7 @@ parameters. The state validates its arguments and leaves the process group out o
 (as torch's own ``ddp_comm_hooks`` states do); after unpickling, ``process_group`` is None,
 i.e. the default group.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations`: DDP inspects the hook's annotations at runtime.
 from typing import Any, Mapping
 
 import torch
@@ -67,7 +66,8 @@ class GradwireDDPState:
         self.trace = {}
 
 
-def gradwire_allreduce_hook(state: GradwireDDPState, bucket: dist.GradBucket) -> torch.futures.Future:
+def gradwire_allreduce_hook(state: GradwireDDPState, bucket: dist.GradBucket
+                            ) -> torch.futures.Future[torch.Tensor]:
     """Average the bucket over the data-parallel group through compressed packets."""
     buf = bucket.buffer()
     group = state.process_group
@@ -85,7 +85,8 @@ def gradwire_allreduce_hook(state: GradwireDDPState, bucket: dist.GradBucket) ->
     state.counters["raw_bytes"] += trace["raw_bytes"]
     state.counters["sent_bytes"] += trace["bytes_sent"]
     if state.keep_trace:
-        state.trace[bucket.index()] = {"seed": seed, **trace}
+        state.trace[bucket.index()] = {"seed": seed, "param_ids": [id(q) for q in bucket.parameters()],
+                                       **trace}
     if bucket.is_last():
         state.iteration += 1
     fut.set_result(out.div_(p))
