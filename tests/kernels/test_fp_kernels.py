@@ -1,0 +1,154 @@
+"""C++ fused FP encode / decode: bytes identical to numerics.fp for every format family, dtype,
+rounding, scale and odd size; statistics exact in counts and within a derived bound in sums."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gradwire import ops
+from gradwire.numerics import lognormal
+from gradwire.numerics.fp import FPFormat, Rounding, decode_codes, encode_codes
+from tests.kernels._native import bits_equal, lognormal_sample, require_native_cpu
+
+# Every exp/man split family, the FP4..FP8 formats the paper picks, odd biases, no subnormals.
+FORMATS = [
+    FPFormat(1, 1), FPFormat(2, 1), FPFormat(3, 0), FPFormat(2, 5), FPFormat(4, 0),
+    FPFormat(4, 1), FPFormat(5, 0), FPFormat(4, 3), FPFormat(5, 2), FPFormat(7, 0),
+    FPFormat(4, 1, subnormals=False), FPFormat(3, 2, bias=1, subnormals=False),
+    FPFormat(5, 2, bias=20), FPFormat(2, 2, bias=-5),
+]
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SCALES = (0, 7, -9, 200, -300)  # 200/-300: all saturate / flush (float32 range never materialised)
+
+
+@pytest.fixture(autouse=True)
+def _native():
+    require_native_cpu()
+
+
+def _oracle(x, fmt, rounding, scale_exp, seed, offset):
+    codes = encode_codes(x, fmt, rounding, scale_exp=scale_exp, seed=seed, offset=offset)
+    return ops.REFERENCES["pack_bits"](codes, fmt.bits)
+
+
+def _stats_bound(x: torch.Tensor) -> tuple[float, float]:
+    """Allowed |kernel - reference| on (sum log2, sum log2^2): the reference rounds each log2 to
+    float32 (<= 2**-24 relative; squares: 2 * 2**-24 + tiny), float64 summation adds ~n*2**-53."""
+    lg = torch.log2(x.double().abs())
+    lg = lg[torch.isfinite(lg)]
+    s1 = float(lg.abs().sum())
+    s2 = float((lg * lg).sum())
+    return 2**-23 * s1 + 1e-9, 2**-22 * s2 + 1e-9
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_encode_bit_exact(fmt):
+    n = 4099  # odd: exercises the partial last group of 8 and a partial last byte
+    for dtype in DTYPES:
+        x = lognormal_sample(n, seed=fmt.bits * 31 + fmt.exp_bits, dtype=dtype)
+        for rounding in Rounding:
+            for s in SCALES:
+                packed, stats = ops.fp_encode(x, fmt, rounding, scale_exp=s, seed=99, offset=5)
+                assert torch.equal(packed, _oracle(x, fmt, rounding, s, 99, 5)), (dtype, rounding, s)
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 65535, 65536 + 9])
+def test_encode_odd_sizes_and_chunk_edges(n):
+    fmt = FPFormat(4, 1)  # FP6: 4 codes per 3 bytes, the awkward case
+    x = lognormal_sample(n, seed=n)
+    for rounding in Rounding:
+        packed, stats = ops.fp_encode(x, fmt, rounding, scale_exp=3, seed=7, offset=2**33)
+        assert torch.equal(packed, _oracle(x, fmt, rounding, 3, 7, 2**33))
+        y = ops.fp_decode(packed, n, fmt, scale_exp=3)
+        assert bits_equal(y, decode_codes(encode_codes(x, fmt, rounding, scale_exp=3, seed=7, offset=2**33), fmt, scale_exp=3))
+    if n == 0:
+        assert packed.numel() == 0 and torch.equal(stats, torch.zeros(5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_stats(dtype):
+    x = lognormal_sample(70001, seed=3, dtype=dtype)
+    _, stats = ops.fp_encode(x, FPFormat(4, 3), scale_exp=2)
+    ref = lognormal.moment_stats(x)
+    torch.testing.assert_close(stats[[0, 3, 4]], ref[[0, 3, 4]], rtol=0, atol=0)  # counts: exact
+    b1, b2 = _stats_bound(x)
+    assert abs(float(stats[1] - ref[1])) <= b1
+    assert abs(float(stats[2] - ref[2])) <= b2
+    torch.testing.assert_close(ops.moment_stats(x), stats, rtol=0, atol=0)  # same code, same sums
+    # Exact on data whose log2 is an integer (powers of two): no rounding anywhere.
+    p2 = torch.exp2(torch.randint(-30, 30, (1000,), generator=torch.Generator().manual_seed(1)).float()).to(dtype)
+    torch.testing.assert_close(ops.moment_stats(p2), lognormal.moment_stats(p2), rtol=0, atol=0)
+
+
+def test_stats_independent_of_thread_count():
+    x = lognormal_sample(300001, seed=5)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.fp_encode(x, FPFormat(4, 1), "stochastic", seed=3)
+        torch.set_num_threads(2)
+        two = ops.fp_encode(x, FPFormat(4, 1), "stochastic", seed=3)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one[0], two[0])
+    assert torch.equal(one[1], two[1])  # fixed chunking + fixed merge order: bit-identical float64
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_decode_bit_exact_every_code(fmt):
+    codes = torch.arange(1 << fmt.bits, dtype=torch.uint8).repeat(3)  # the whole table, odd count
+    packed = ops.pack_bits(codes, fmt.bits)
+    for s in (0, 5, -11, 140, -140, 1000):
+        ref = decode_codes(codes, fmt, scale_exp=s)
+        for dtype in DTYPES:
+            got = ops.fp_decode(packed, codes.numel(), fmt, scale_exp=s, dtype=dtype)
+            assert bits_equal(got, ref.to(dtype)), (s, dtype)
+
+
+def test_stochastic_rounding_unbiased_through_kernel():
+    # FP6 1-4-1 has spacing 0.5 on [1, 2): v = 1.2 lies between lo = 1.0 and hi = 1.5. Each
+    # element has its own counter, so the n decodes are independent draws of lo or hi with
+    # mean v and variance (hi - v)(v - lo); the sample mean must be within 6 standard errors.
+    fmt = FPFormat(4, 1)
+    n = 200_000
+    x = torch.full((n,), 1.2)
+    v = float(x[0])  # the float32 value actually encoded
+    packed, _ = ops.fp_encode(x, fmt, "stochastic", seed=2024)
+    y = ops.fp_decode(packed, n, fmt).double()
+    assert set(torch.unique(y).tolist()) == {1.0, 1.5}
+    se = math.sqrt((1.5 - v) * (v - 1.0) / n)
+    assert abs(float(y.mean()) - v) < 6 * se
+
+
+def test_noncontiguous_and_float64_inputs():
+    fmt = FPFormat(5, 2)
+    x = lognormal_sample(64 * 33, seed=8).reshape(64, 33)
+    for view in (x.t(), x[:, ::2]):
+        packed, _ = ops.fp_encode(view, fmt)
+        assert torch.equal(packed, _oracle(view, fmt, Rounding.NEAREST_EVEN, 0, 0, 0))
+    x64 = torch.tensor([1e300, -1e300, 1.3, float("nan"), 1e-300], dtype=torch.float64)
+    packed, _ = ops.fp_encode(x64, fmt, scale_exp=1)
+    assert torch.equal(packed, _oracle(x64, fmt, Rounding.NEAREST_EVEN, 1, 0, 0))
+
+
+def test_malformed_input_refused():
+    fmt = FPFormat(4, 3)
+    with pytest.raises(TypeError, match="float32"):
+        ops.fp_encode(torch.zeros(4, dtype=torch.int32), fmt)
+    with pytest.raises(TypeError, match="FPFormat"):
+        ops.fp_encode(torch.zeros(4), (4, 3))
+    with pytest.raises(ValueError, match="seed"):
+        ops.fp_encode(torch.zeros(4), fmt, seed=-1)
+    with pytest.raises(ValueError, match="offset"):
+        ops.fp_encode(torch.zeros(4), fmt, offset=-3)
+    with pytest.raises(ValueError, match="bytes"):
+        ops.fp_decode(torch.zeros(3, dtype=torch.uint8), 4, fmt)
+    with pytest.raises(TypeError, match="dtype"):
+        ops.fp_decode(torch.zeros(4, dtype=torch.uint8), 4, fmt, dtype=torch.int8)
+    # The raw op checks too (a caller bypassing the Python wrapper gets a clear error, not UB).
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
+        torch.ops.gradwire.fp_encode(torch.zeros(4, dtype=torch.float64), 4, 3, 7, True, 0, False, 0, 0)
+    with pytest.raises(RuntimeError, match="fp format"):
+        torch.ops.gradwire.fp_encode(torch.zeros(4), 4, 4, 7, True, 0, False, 0, 0)
