@@ -25,6 +25,8 @@ class MarkovLanguage:
     def __init__(self, vocab: int = 32, order: int = 2, concentration: float = 0.1, seed: int = 0):
         if vocab < 2 or order < 1 or concentration <= 0:
             raise ValueError(f"need vocab >= 2, order >= 1, concentration > 0; got {vocab}, {order}, {concentration}")
+        if vocab ** order > 4096:
+            raise ValueError(f"{vocab ** order} contexts: the exact entropy needs vocab**order <= 4096")
         self.vocab, self.order = vocab, order
         # Dirichlet rows = normalised Gamma(concentration) draws, under a forked, seeded RNG.
         conc = torch.full((vocab ** order, vocab), concentration, dtype=torch.float64)
@@ -46,8 +48,6 @@ class MarkovLanguage:
         # Dense transition matrix over contexts (vocab**order <= 4096 keeps it a few MB), then
         # power iteration pi <- pi P; the chain is aperiodic (every transition has p > 0).
         n = self.vocab ** self.order
-        if n > 4096:
-            raise ValueError(f"{n} contexts: the exact entropy needs vocab**order <= 4096")
         trans = torch.zeros(n, n, dtype=torch.float64)
         rows = torch.arange(n)[:, None].expand(n, self.vocab)
         trans[rows, self._next_context()[:, None] + torch.arange(self.vocab)] = self.probs
