@@ -48,8 +48,10 @@ from __future__ import annotations
 
 import enum
 import functools
+import numbers
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from gradwire.numerics import rng
@@ -85,9 +87,10 @@ def _as_rounding(rounding) -> Rounding:
 
 
 def _check_int(name: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
+    """Accept Python and numpy integers (not bool); return a Python int."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    return v
+    return int(v)
 
 
 @dataclass(frozen=True)
@@ -105,8 +108,9 @@ class FPFormat:
     subnormals: bool = True
 
     def __post_init__(self):
-        _check_int("exp_bits", self.exp_bits)
-        _check_int("man_bits", self.man_bits)
+        # Normalise numpy integers to int so equal formats hash and print alike.
+        object.__setattr__(self, "exp_bits", _check_int("exp_bits", self.exp_bits))
+        object.__setattr__(self, "man_bits", _check_int("man_bits", self.man_bits))
         if not 1 <= self.exp_bits <= 7:
             raise ValueError(f"exp_bits must be in 1..7, got {self.exp_bits}")
         if self.man_bits < 0:
@@ -118,7 +122,7 @@ class FPFormat:
             )
         if self.bias is None:
             object.__setattr__(self, "bias", 2 ** (self.exp_bits - 1) - 1)
-        _check_int("bias", self.bias)
+        object.__setattr__(self, "bias", _check_int("bias", self.bias))
         if not isinstance(self.subnormals, bool):
             raise TypeError(f"subnormals must be a bool, got {type(self.subnormals).__name__}")
         if self.emax > 127:
@@ -248,7 +252,7 @@ def encode_codes(
     rounding = _as_rounding(rounding)
     scale_exp = max(-_SCALE_CLAMP, min(_SCALE_CLAMP, _check_int("scale_exp", scale_exp)))
     rng.check_seed(seed)
-    _check_int("offset", offset)
+    offset = _check_int("offset", offset)
     if offset < 0 or offset + x.numel() > 2**63 - 1:
         raise ValueError(f"offset must be >= 0 with offset + numel < 2**63, got {offset}")
     m, b = fmt.man_bits, fmt.bias

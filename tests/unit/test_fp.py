@@ -298,6 +298,14 @@ def test_float64_beyond_float32_range_saturates():
     assert encode_codes(x, fmt).tolist() == [127, 255, 128]
 
 
+def test_numpy_integer_arguments():
+    fmt = FPFormat(np.int64(4), np.int32(3))
+    assert fmt == FPFormat(4, 3) and type(fmt.exp_bits) is int and hash(fmt) == hash(FPFormat(4, 3))
+    x = torch.linspace(-3, 3, 101)
+    assert torch.equal(encode_codes(x, fmt, "stochastic", scale_exp=np.int64(2), offset=np.int64(5)),
+                       encode_codes(x, fmt, "stochastic", scale_exp=2, offset=5))  # fmt: skip
+
+
 def test_zero_dim_and_empty():
     fmt = FPFormat(2, 1)
     c = encode_codes(torch.tensor(1.4), fmt)
