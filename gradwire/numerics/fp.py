@@ -60,6 +60,7 @@ from gradwire.numerics import rng
 # beyond +-1000 every element saturates or rounds below min_positive / 2**24 anyway.
 _SCALE_CLAMP = 1000
 _T_EXP_FLOOR = -25  # see the module docstring: clamping n here does not change any decision
+_CHUNK = 1 << 22  # elements per pass of the reference encoder (bounds temporary memory)
 
 
 class Rounding(enum.Enum):
@@ -255,10 +256,23 @@ def encode_codes(
     offset = _check_int("offset", offset)
     if offset < 0 or offset + x.numel() > 2**63 - 1:
         raise ValueError(f"offset must be >= 0 with offset + numel < 2**63, got {offset}")
+    xf = _to_float32(x).reshape(-1)
+    if xf.numel() <= _CHUNK:
+        return _encode_flat(xf, fmt, rounding, scale_exp, seed, offset).reshape(x.shape)
+    # Chunks bound the ~a dozen full-size temporaries (and keep them in cache); counters carry on.
+    out = torch.empty(xf.numel(), dtype=torch.uint8, device=x.device)
+    for start in range(0, xf.numel(), _CHUNK):
+        chunk = xf[start : start + _CHUNK]
+        out[start : start + _CHUNK] = _encode_flat(chunk, fmt, rounding, scale_exp, seed, offset + start)
+    return out.reshape(x.shape)
+
+
+def _encode_flat(
+    xf: torch.Tensor, fmt: FPFormat, rounding: Rounding, scale_exp: int, seed: int, offset: int
+) -> torch.Tensor:
+    """The algorithm of the module docstring on a 1-D float32 tensor (counters offset + i)."""
     m, b = fmt.man_bits, fmt.bias
     emin, emax = fmt.emin, fmt.emax
-
-    xf = _to_float32(x)
     finite = torch.isfinite(xf)
     a = torch.where(finite, xf.abs(), 0.0)
     mant, ex = torch.frexp(a)  # a = mant * 2**ex, mant in [0.5, 1); zero -> (0, 0)
@@ -277,7 +291,7 @@ def encode_codes(
     if rounding is Rounding.NEAREST_EVEN:
         up = (frac > 0.5) | ((frac == 0.5) & ((lo & 1) == 1))
     else:
-        up = rng.uniform_like(seed, x, offset=offset) < frac
+        up = rng.uniform_like(seed, xf, offset=offset) < frac
     mag = torch.where(up, hi, lo).clamp_(max=fmt.max_code)
     mag = torch.where(a == 0, 0, mag)
     code = torch.where(torch.signbit(xf) & (mag != 0), mag | fmt.nonfinite_code, mag)

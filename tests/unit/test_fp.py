@@ -298,6 +298,18 @@ def test_float64_beyond_float32_range_saturates():
     assert encode_codes(x, fmt).tolist() == [127, 255, 128]
 
 
+def test_chunked_encoding_matches_single_pass(monkeypatch):
+    # Large inputs are encoded in chunks; counters must continue across chunk boundaries.
+    import gradwire.numerics.fp as fp_module
+
+    fmt = FPFormat(3, 2)
+    x = torch.randn(7, 301, generator=torch.Generator().manual_seed(8))
+    whole = {r: encode_codes(x, fmt, r, seed=4, offset=11) for r in Rounding}
+    monkeypatch.setattr(fp_module, "_CHUNK", 256)
+    for r in Rounding:
+        assert torch.equal(encode_codes(x, fmt, r, seed=4, offset=11), whole[r])
+
+
 def test_numpy_integer_arguments():
     fmt = FPFormat(np.int64(4), np.int32(3))
     assert fmt == FPFormat(4, 3) and type(fmt.exp_bits) is int and hash(fmt) == hash(FPFormat(4, 3))
