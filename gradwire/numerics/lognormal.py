@@ -30,7 +30,7 @@ from gradwire.numerics.rng import random_u32
 
 STATS_LEN = 5
 LN2 = math.log(2.0)
-_CHUNK = 1 << 18  # elements per chunk in moment_stats (1 MiB of float32: stays in cache)
+_CHUNK = 1 << 15  # elements per chunk in moment_stats (see its docstring)
 KS_MAX_SAMPLES = 200_000
 KS_SEED = 0x5EED
 
@@ -49,11 +49,13 @@ def moment_stats(x: torch.Tensor) -> torch.Tensor:
     """Additive statistics of log2|x|: float64 ``[n_finite_nonzero, sum_log2, sum_log2_sq,
     n_zero, n_nonfinite]``.
 
-    log2 is taken in float32 (bf16/fp16 upcast exactly; float64 input stays float64), the sums
-    accumulate in float64. The pass runs over cache-sized chunks into two reused buffers: on
-    2 cores that is ~4x faster than whole-tensor temporaries, which are page-fault bound.
-    An empty tensor gives all zeros, the identity of ``merge_stats``. Raises TypeError for
-    non-floating dtypes.
+    log2 is taken in float32 (bf16/fp16 upcast exactly; float64 input stays float64); each
+    chunk's sum of logs and sum of squared logs (the square rounded to the input's float type,
+    relative error <= 2^-24 per term) accumulate in float64. Chunks of 2^15 elements into two
+    reused buffers: whole-tensor temporaries were page-fault bound (~4x slower), and chunks below
+    ATen's parallel grain size make the sums independent of the thread count. 16M float32
+    elements: ~0.15 s on one thread of the shared CI box. An empty tensor gives all zeros, the
+    identity of ``merge_stats``. Raises TypeError for non-floating dtypes.
     """
     _check_float_tensor(x)
     flat = x.detach().reshape(-1)
