@@ -7,7 +7,8 @@ Semantics are ``gradwire.numerics.fp``: ``decode(encode(x, seed=s))`` equals
   when the codec is configured with ``bits`` only, ``lognormal.optimal_split(bits, sigma_log2)``
   (Eq. 4 of paper 001, the corrected mantissa term in NOTES-ON-SEEDS.md);
 * ``e`` is the power-of-two scale ``fp_error.optimal_scale_exp(fmt, mu_log2, sigma_log2, rounding)``
-  (the analytic replacement of the authors' "-mean(log2|g|) - 3" shift, NOTES-ON-SEEDS.md);
+  (the analytic replacement of the authors' "-mean(log2|g|) - 3" shift, NOTES-ON-SEEDS.md), or
+  with ``scale="amax"`` the largest power of two that leaves max|x| unsaturated;
 * mu/sigma come from ``fit`` (the policy's running ``LognormalFit``) or, without a usable one,
   from fitting ``x`` itself. A tensor with no finite nonzero entry uses scale 0 and the split
   for ``DEFAULT_SIGMA_LOG2`` (every code is then 0 or the non-finite code anyway).
@@ -17,6 +18,7 @@ codes, ``bits`` per element, packed by ``bitpack.pack_bits`` (FP6: 4 values in 3
 """
 from __future__ import annotations
 
+import math
 import struct
 from typing import Any, Sequence
 
@@ -73,8 +75,39 @@ def usable_fit(x: torch.Tensor, fit: Any | None):
     return f if f.usable else None
 
 
-def choose_format(bits: int, exp_bits: int | None, rounding: str, fit) -> tuple[Any, int]:
-    """(FPFormat, scale_exp) for data described by ``fit`` (None: nothing known)."""
+SCALE_MODES = ("optimal", "amax")
+
+
+def amax_scale_exp(amax: float, max_value: float) -> int:
+    """Largest integer e with amax * 2**e <= max_value (0 when amax is 0 or not finite)."""
+    if not (amax > 0 and math.isfinite(amax)):
+        return 0
+    e = math.floor(math.log2(max_value / amax))
+    while amax * 2.0 ** (e + 1) <= max_value:  # guard against log2 rounding either way
+        e += 1
+    while amax * 2.0**e > max_value:
+        e -= 1
+    return max(-MAX_SCALE_EXP, min(MAX_SCALE_EXP, e))
+
+
+def finite_amax(x: torch.Tensor) -> float:
+    """max |x| over the finite entries (0.0 if none)."""
+    if x.numel() == 0:
+        return 0.0
+    xf = x.float()
+    return float(torch.where(torch.isfinite(xf), xf.abs(), 0.0).max())
+
+
+def choose_format(bits: int, exp_bits: int | None, rounding: str, fit, scale: str = "optimal",
+                  amax: float = 0.0) -> tuple[Any, int]:
+    """(FPFormat, scale_exp) for data described by ``fit`` (None: nothing known).
+
+    scale="optimal": ``fp_error.optimal_scale_exp`` (minimum expected *relative* error per element,
+    paper 001's criterion; it lets the top tail saturate, which costs L2 error / cosine on heavy
+    tails, see bench/results/codec_bytes.md). scale="amax": the largest power of two that keeps
+    ``amax`` (the largest finite magnitude) unsaturated; with stochastic rounding the codec is then
+    unbiased everywhere (values below the grid round stochastically to 0 or min_positive).
+    """
     from gradwire.numerics.fp import FPFormat, Rounding
     from gradwire.numerics.fp_error import optimal_scale_exp
     from gradwire.numerics.lognormal import optimal_split
@@ -83,10 +116,18 @@ def choose_format(bits: int, exp_bits: int | None, rounding: str, fit) -> tuple[
     if exp_bits is None:
         exp_bits, _ = optimal_split(bits, sigma)
     fmt = FPFormat(exp_bits, bits - 1 - exp_bits)
+    if scale == "amax":
+        return fmt, amax_scale_exp(amax, fmt.max_value)
     if fit is None:
         return fmt, 0
     e = optimal_scale_exp(fmt, fit.mu_log2, sigma, Rounding(rounding))
     return fmt, max(-MAX_SCALE_EXP, min(MAX_SCALE_EXP, int(e)))
+
+
+def check_scale(scale: Any) -> str:
+    if scale not in SCALE_MODES:
+        raise ValueError(f"scale must be one of {SCALE_MODES}, got {scale!r}")
+    return scale
 
 
 def pack_format(fmt, rounding: str, scale_exp: int) -> bytes:
@@ -122,23 +163,30 @@ class FPCodec(Codec):
             lognormal sigma (the split travels in the header, so a receiver configured with
             ``bits`` only accepts any split of that width).
         rounding: "stochastic" (unbiased, the default for neural gradients) or "nearest".
+        scale: "optimal" (``fp_error.optimal_scale_exp``: least expected relative error, the
+            paper's criterion) or "amax" (no saturation; see ``choose_format``). Sender-side
+            only: the chosen exponent travels in the header.
     """
 
     name = "fp"
     codec_id = 5
     fixed_rate = True
 
-    def __init__(self, bits: int, exp_bits: int | None = None, rounding: str = "stochastic"):
+    def __init__(self, bits: int, exp_bits: int | None = None, rounding: str = "stochastic",
+                 scale: str = "optimal"):
         self.bits = check_bits("bits", bits, 2, 8)
+        self.scale = check_scale(scale)
         self.exp_bits = None if exp_bits is None else check_bits("exp_bits", exp_bits, 1, min(7, bits - 1))
         self.rounding = check_rounding(rounding)
 
     def config(self) -> dict[str, Any]:
-        return {"name": self.name, "bits": self.bits, "exp_bits": self.exp_bits, "rounding": self.rounding}
+        return {"name": self.name, "bits": self.bits, "exp_bits": self.exp_bits, "rounding": self.rounding,
+                "scale": self.scale}
 
     def choose(self, x: torch.Tensor, fit: Any | None = None) -> tuple[Any, int]:
         """The (FPFormat, scale_exp) ``encode`` uses for ``x`` and ``fit``."""
-        return choose_format(self.bits, self.exp_bits, self.rounding, usable_fit(x, fit))
+        amax = finite_amax(x) if self.scale == "amax" else 0.0
+        return choose_format(self.bits, self.exp_bits, self.rounding, usable_fit(x, fit), self.scale, amax)
 
     def encode(self, x: torch.Tensor, *, seed: int = 0, fit: Any | None = None) -> torch.Tensor:
         from gradwire.numerics.fp import encode_codes

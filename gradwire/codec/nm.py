@@ -7,9 +7,9 @@ consecutive elements along ``dim``, block counter = flat block index, offset 0),
 ``decode(encode(x, seed=s))`` equals ``nm.scatter_blocks(V, indices, M, x.shape, dim, dtype)`` where
 V are the values, raw (rounded to the source dtype) or ``numerics.fp.quantize``-d in an FP format
 of ``value_bits`` with ``seed = rng.derive_seed(s, 1)`` and counter = flat index into the values
-(row-major over ``[..., n_blocks, N]``). The FP split and scale come from a lognormal fit of the
-kept values themselves (``fp.choose_format``): MVUE values are block sums, not the input's
-distribution, so the policy's fit of x does not describe them.
+(row-major over ``[..., n_blocks, N]``). The FP split comes from a lognormal fit of the kept values
+themselves (``fp.choose_format``; MVUE values are block sums, not the input's distribution, so the
+policy's fit of x does not describe them); the scale keeps the largest value unsaturated by default.
 
 Payload::
 
@@ -36,7 +36,9 @@ from gradwire.codec.fp import (
     FORMAT_PARAMS,
     check_bits,
     check_rounding,
+    check_scale,
     choose_format,
+    finite_amax,
     pack_format,
     unpack_format,
     usable_fit,
@@ -87,6 +89,8 @@ class NMCodec(Codec):
         value_bits: FP bits of the kept values (2..8), or None to send them raw.
         value_exp_bits: fixed exponent bits of that format; None chooses by Eq. 4 per tensor.
         rounding: rounding of the kept values, "stochastic" (default) or "nearest".
+        value_scale: "amax" (default: no saturation, so MVUE + stochastic rounding stays unbiased)
+            or "optimal" (least expected relative error of the values' lognormal fit).
         dim: the dimension along which blocks are formed.
     """
 
@@ -95,7 +99,8 @@ class NMCodec(Codec):
     fixed_rate = True
 
     def __init__(self, n: int, m: int, method: str = "mvue", value_bits: int | None = None,
-                 value_exp_bits: int | None = None, rounding: str = "stochastic", dim: int = -1):
+                 value_exp_bits: int | None = None, rounding: str = "stochastic", value_scale: str = "amax",
+                 dim: int = -1):
         self.m = check_bits("m", m, 2, MAX_M)
         self.n = check_bits("n", n, 1, m - 1)
         if method not in METHODS:
@@ -109,6 +114,7 @@ class NMCodec(Codec):
         self.value_exp_bits = (None if value_exp_bits is None
                                else check_bits("value_exp_bits", value_exp_bits, 1, min(7, value_bits - 1)))
         self.rounding = check_rounding(rounding)
+        self.value_scale = check_scale(value_scale)
         if isinstance(dim, bool) or not isinstance(dim, int):
             raise ValueError(f"dim must be an int, got {dim!r}")
         self.dim = dim
@@ -116,7 +122,7 @@ class NMCodec(Codec):
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "n": self.n, "m": self.m, "method": self.method,
                 "value_bits": self.value_bits, "value_exp_bits": self.value_exp_bits,
-                "rounding": self.rounding, "dim": self.dim}
+                "rounding": self.rounding, "value_scale": self.value_scale, "dim": self.dim}
 
     def select(self, x: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """The numerics compact form (values, indices) this codec sends."""
@@ -131,7 +137,8 @@ class NMCodec(Codec):
 
     def choose(self, values: torch.Tensor) -> tuple[Any, int]:
         """(FPFormat, scale_exp) for the kept values (FP mode only)."""
-        return choose_format(self.value_bits, self.value_exp_bits, self.rounding, usable_fit(values, None))
+        return choose_format(self.value_bits, self.value_exp_bits, self.rounding, usable_fit(values, None),
+                             self.value_scale, finite_amax(values))
 
     def _norm_dim(self, ndim: int) -> int:
         if not -ndim <= self.dim < ndim:

@@ -33,6 +33,7 @@ from gradwire.codec.base import Codec, check_input, decode_dtype
 from gradwire.codec.bitpack import pack_bits, packed_nbytes, unpack_bits
 from gradwire.codec.fp import (
     FORMAT_PARAMS,
+    amax_scale_exp,
     check_bits,
     check_rounding,
     pack_format,
@@ -51,18 +52,6 @@ from gradwire.codec.header import (
 
 # alpha (float32), kept-format flag (1 = FP codes, 0 = raw), FP format block, nnz, n_alpha.
 PRUNE_PARAMS = struct.Struct("<fB" + FORMAT_PARAMS.format[1:] + "QQ")
-
-
-def _pow2_scale_for_max(amax: float, max_value: float) -> int:
-    """Largest integer e with amax * 2**e <= max_value (0 for amax == 0)."""
-    if amax <= 0 or not math.isfinite(amax):
-        return 0
-    e = math.floor(math.log2(max_value / amax))
-    while amax * 2.0 ** (e + 1) <= max_value:  # guard against log2 rounding either way
-        e += 1
-    while amax * 2.0**e > max_value:
-        e -= 1
-    return max(-1000, min(1000, e))
 
 
 class PruneCodec(Codec):
@@ -150,7 +139,7 @@ class PruneCodec(Codec):
             kv = yf[kept]
             finite = kv[torch.isfinite(kv)]
             amax = float(finite.abs().max()) if finite.numel() else 0.0
-            scale_exp = _pow2_scale_for_max(amax, fmt.max_value)
+            scale_exp = amax_scale_exp(amax, fmt.max_value)
             codes = encode_codes(y, fmt, self.rounding, scale_exp=scale_exp, seed=derive_seed(seed, 1))
             sections.append(pack_bits(codes[kept], fmt.bits))
             fmt_block = pack_format(fmt, self.rounding, scale_exp)

@@ -164,3 +164,19 @@ def test_bad_config_and_input():
         FPCodec(6).encode(torch.zeros(3, dtype=torch.int64))
     with pytest.raises(TypeError, match="floating-point"):
         FPCodec(6).decode(FPCodec(6).encode(torch.ones(2)), dtype=torch.int8)
+
+
+@pytest.mark.parametrize("bits", [4, 6, 8])
+def test_amax_scale_never_saturates(bits):
+    x = lognormal(4000, sigma_ln=3.0, seed=bits)
+    c = FPCodec(bits, scale="amax")
+    p = c.encode(x, seed=1)
+    fmt, scale_exp = sent_format(p)
+    amax = float(x.abs().max())
+    # the largest power of two that keeps amax within max_value
+    assert amax * 2.0**scale_exp <= fmt.max_value < amax * 2.0 ** (scale_exp + 1)
+    same(c.decode(p), quantize(x, fmt, "stochastic", scale_exp=scale_exp, seed=1))
+    # a receiver does not care how the sender chose its scale
+    same(FPCodec(bits).decode(p), c.decode(p))
+    with pytest.raises(ValueError, match="scale"):
+        FPCodec(bits, scale="max")

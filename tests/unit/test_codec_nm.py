@@ -57,15 +57,15 @@ def test_equals_reference(n, m, method, value_bits):
 @settings(max_examples=40, deadline=None)
 @given(pattern=st.sampled_from(PATTERNS), lead=st.lists(st.integers(0, 3), max_size=2), blocks=st.integers(0, 5),
        dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), value_bits=st.sampled_from([None, 4, 8]),
-       seed=st.integers(0, 2**32 - 1), dim_first=st.booleans())
-def test_property_round_trip(pattern, lead, blocks, dtype, value_bits, seed, dim_first):
+       seed=st.integers(0, 2**32 - 1), dim_first=st.booleans(), value_scale=st.sampled_from(["amax", "optimal"]))
+def test_property_round_trip(pattern, lead, blocks, dtype, value_bits, seed, dim_first, value_scale):
     n, m, method = pattern
     shape = tuple(lead) + (blocks * m,)
     dim = -1
     if dim_first:
         shape, dim = (blocks * m,) + tuple(lead), 0
     x = data(shape, seed=seed % 997, dtype=dtype)
-    c = NMCodec(n, m, method, value_bits=value_bits, dim=dim)
+    c = NMCodec(n, m, method, value_bits=value_bits, dim=dim, value_scale=value_scale)
     p = c.encode(x, seed=seed)
     assert p.numel() == c.packed_size(shape, dtype)
     same(c.decode(p), reference(c, x, seed))
@@ -104,6 +104,15 @@ def test_mvue_unbiased_through_the_codec(method):
     # per-element variance <= block total; 6 standard errors
     tol = 6 * torch.sqrt(var / R)[:, None] + 1e-6
     assert ((mean - blocks.double()).abs() <= tol).all(), (mean, blocks)
+
+
+def test_value_scale_amax_keeps_the_largest_value():
+    x = data((16, 64), seed=2)
+    c = NMCodec(2, 4, value_bits=8)
+    h, _ = parse_packet(c.encode(x, seed=1))
+    _, _, _, _, _, e, m, _, _, _, scale_exp = NM_PARAMS.unpack(h.params)
+    vmax = float(c.select(x, 1)[0].abs().max())
+    assert vmax * 2.0**scale_exp <= FPFormat(e, m).max_value < vmax * 2.0 ** (scale_exp + 1)
 
 
 def test_nonfinite_arrive_nonfinite():
