@@ -17,6 +17,16 @@ from gradwire.sparse.sparse_linear import SparseLinear
 P_MIN = 1e-6  # chi-square p-value below which we reject
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Small tensor ops gain nothing from threads; on a shared 2-core runner OpenMP workers spin
+    # against other processes. Restored afterwards.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _grabo_marginals():
     """Eq. 7 marginals from a real batch: f = sum_i |h_i|, g = sum_i |delta_i| (with zeros)."""
     g = torch.Generator().manual_seed(0)
