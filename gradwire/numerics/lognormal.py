@@ -475,8 +475,8 @@ def allocate_sparsity(fits: Sequence[LognormalFit], numels: Sequence[int], budge
     ``min_cosine`` (the budget is too aggressive for that quality floor).
 
     ``upper_quantile`` truncates each lognormal for the cosine (see ``pruning_cosine``). The
-    default "numel" truncates layer i at quantile 1 - 1/numels[i], about where its largest
-    sampled entry lies: untruncated, E[g^2] of a sigma_ln >= 3 lognormal sits in a tail that no
+    default "numel" truncates layer i at quantile 1 - 1/m_i, m_i = numels[i] (1 - zero
+    fraction) its nonzero count, about where its largest sampled entry lies: untruncated, E[g^2] of a sigma_ln >= 3 lognormal sits in a tail that no
     tensor samples, its analytic cosine stays ~1 up to 99% sparsity, and such layers would be
     pruned to the cap. None uses the untruncated cosine; a float, one quantile for all layers.
     """
@@ -490,7 +490,8 @@ def allocate_sparsity(fits: Sequence[LognormalFit], numels: Sequence[int], budge
     if min_cosine is not None and not (0.0 < min_cosine <= 1.0):
         raise ValueError(f"min_cosine must be in (0, 1], got {min_cosine!r}")
     if upper_quantile == "numel":
-        z_maxs = [float(ndtri(1.0 - 1.0 / n)) if n > 2 else math.inf for n in numels]
+        nonzeros = [n * (1.0 - f.zero_fraction) for f, n in zip(fits, numels)]
+        z_maxs = [float(ndtri(1.0 - 1.0 / m)) if m > 2 else math.inf for m in nonzeros]
     elif upper_quantile is None:
         z_maxs = [math.inf] * len(fits)
     elif isinstance(upper_quantile, float) and 0.5 < upper_quantile < 1.0:

@@ -474,7 +474,7 @@ def test_allocate_sparsity_budget_and_equal_cosine(budget):
     cosines = []
     for f, s, n in zip(fits, sp, numels):
         a = ln.pruning_threshold_for(f, s)
-        cosines.append(ln.pruning_cosine(a, f.mu_ln, f.sigma_ln, upper_quantile=1 - 1 / n))
+        cosines.append(ln.pruning_cosine(a, f.mu_ln, f.sigma_ln, upper_quantile=1 - 1 / (n * (1 - f.zero_fraction))))
     # Equal cosine, except layers at the 99.9%-of-nonzeros cap, whose cosine stays above it.
     inner = [(s - f.zero_fraction) / (1 - f.zero_fraction) for f, s in zip(fits, sp)]
     free = [c for c, i in zip(cosines, inner) if i < 0.999 - 1e-9]
@@ -484,7 +484,8 @@ def test_allocate_sparsity_budget_and_equal_cosine(budget):
     assert inner == sorted(inner) and inner[0] < inner[-1]
     # Equalising beats the uniform allocation on the worst layer's cosine.
     uniform_worst = min(ln.pruning_cosine(ln.pruning_threshold_for(f, budget), f.mu_ln, f.sigma_ln,
-                                          upper_quantile=1 - 1 / n) if budget > f.zero_fraction else 1.0
+                                          upper_quantile=1 - 1 / (n * (1 - f.zero_fraction)))
+                        if budget > f.zero_fraction else 1.0
                         for f, n in zip(fits, numels))
     assert min(cosines) >= uniform_worst
 
