@@ -372,14 +372,6 @@ def pruning_threshold_for(fit: LognormalFit, sparsity: float) -> float:
     return pruning_threshold((sparsity - z) / (1.0 - z), fit.mu_ln, fit.sigma_ln)
 
 
-def _log_phi_diff(hi: float, lo: float) -> float:
-    """log(Phi(hi) - Phi(lo)) for hi > lo, without cancellation in the tails."""
-    if lo > 0:  # both in the upper tail: use the mirrored lower tail
-        hi, lo = -lo, -hi
-    a, b = float(log_ndtr(hi)), float(log_ndtr(lo))
-    return a + math.log(-math.expm1(b - a)) if b < a else -math.inf
-
-
 def _log_cosine_t(t: float, sigma: float, z_max: float = math.inf) -> float:
     """log of the pruning cosine, cos^2 = E[g^2] / E[g_hat^2] with
     E[g_hat^2] = E[g^2 ; |g| >= a] + a E[|g| ; |g| < a] (NOTES, App. A.9), for
