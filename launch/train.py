@@ -123,7 +123,7 @@ def run_inprocess(args, ds_config, gw, gpt_cfg, tokens):
 
 
 def _impl(codec) -> str:
-    """Which class encoded (the registry's, or the integration's stand-in while it lands)."""
+    """The codec class that encoded, for the report."""
     return f"{type(codec).__module__}.{type(codec).__name__}"
 
 

@@ -31,39 +31,15 @@ __all__ = ["codec_from_spec", "GradwirePipelineEngine", "initialize", "predicted
 
 
 def codec_from_spec(spec: CodecSpec) -> Codec:
-    """The ``Codec`` for a validated ``CodecSpec``: the registry's when available.
-
-    While ``gradwire.codec.{fp,nm,prune}`` are not in the tree the stand-ins in
-    ``_standin_codecs`` serve (same interface and mathematics; see that module).
-    """
+    """The registry ``Codec`` for a validated ``CodecSpec`` (``none`` -> identity)."""
     from gradwire.codec import registry
 
     if spec.name == "none":
         return registry.build_codec("identity")
-    if spec.name == "bf16":
-        return registry.build_codec("bf16")
     try:
-        codec = registry.build_codec(_registry_config(spec))
-        # The registry codecs are landing piece by piece; a missing dependency shows up only
-        # when encoding, so smoke-test one tiny round trip here rather than mid-training.
-        codec.decode(codec.encode(torch.linspace(-1.0, 1.0, 32).reshape(4, 8)))
-        return codec
-    except ImportError as e:
-        import warnings
-
-        warnings.warn(f"gradwire codec {spec.label!r} is not available from the registry ({e}); "
-                      "using the stand-in from gradwire.integrations._standin_codecs", stacklevel=2)
-    from gradwire.integrations import _standin_codecs as s
-
-    if spec.name == "fp":
-        return s.StandinFPCodec(spec.bits, spec.exp_bits, spec.rounding)
-    if spec.name == "nm":
-        if spec.value_bits is not None:
-            raise ConfigError("nm with value_bits needs gradwire.codec.nm (not yet in the tree)")
-        return s.StandinNMCodec(spec.n, spec.m, spec.method)
-    if spec.name == "prune":
-        return s.StandinPruneCodec(spec.sparsity)
-    raise ConfigError(f"no codec for {spec!r}")
+        return registry.build_codec(_registry_config(spec))
+    except ValueError as e:  # the codec's own check of a value the schema let through
+        raise ConfigError(f"codec {spec.label}: {e}") from None
 
 
 def _registry_config(spec: CodecSpec) -> dict[str, Any]:
