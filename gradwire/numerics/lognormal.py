@@ -170,7 +170,7 @@ def _finite_nonzero_sample(x: torch.Tensor, max_samples: int, seed: int) -> np.n
     replacement, counter-based hash indices) when there are more than ``max_samples``."""
     _check_float_tensor(x)
     v = x.detach().reshape(-1).to(torch.float64)
-    v = v[torch.isfinite(v) & (v != 0)]
+    v = v[torch.isfinite(v) & (v != 0)].cpu()
     if v.numel() < 2:
         raise ValueError(f"need at least 2 finite nonzero values for a KS distance, got {v.numel()}")
     if v.numel() > max_samples:
