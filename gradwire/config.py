@@ -10,7 +10,8 @@ Schema (all keys optional)::
     "gradwire": {
       "enabled": true,
       "seed": 0,                       # base seed of every stochastic codec decision
-      "refresh_every": 50,             # steps between refreshes of a boundary's lognormal fit
+      "refresh_every": 50,             # micro-batches between refreshes of a boundary's lognormal fit
+      "warmup_steps": 0,               # first micro-batches sent uncompressed (statistics only)
       "codec": {"name": "fp", "bits": 6},      # default codec of every pipeline boundary
       "boundaries": {"1": {"bits": 8}},        # per-boundary overrides, merged into "codec"
       "data_parallel": {"name": "fp", "bits": 8},  # optional: compress DP gradient all-reduce
@@ -174,7 +175,7 @@ def parse_codec(d: Mapping[str, Any], where: str = "gradwire.codec") -> CodecSpe
     return CodecSpec(name=name)
 
 
-SECTION_KEYS = ("enabled", "seed", "refresh_every", "codec", "boundaries", "data_parallel",
+SECTION_KEYS = ("enabled", "seed", "refresh_every", "warmup_steps", "codec", "boundaries", "data_parallel",
                 "report_dir")
 
 
@@ -185,6 +186,7 @@ class GradwireConfig:
     enabled: bool = True
     seed: int = 0
     refresh_every: int = 50
+    warmup_steps: int = 0
     codec: CodecSpec = field(default_factory=CodecSpec)
     boundaries: tuple[tuple[int, CodecSpec], ...] = ()  # sorted (boundary, spec) overrides
     data_parallel: CodecSpec | None = None
@@ -214,6 +216,7 @@ def parse_gradwire(section: Mapping[str, Any] | None) -> GradwireConfig:
         raise ConfigError(f"gradwire.enabled must be true or false, got {enabled!r}")
     seed = _int("gradwire.seed", section.get("seed", 0), 0, 2**63 - 1)
     refresh = _int("gradwire.refresh_every", section.get("refresh_every", 50), 1)
+    warmup = _int("gradwire.warmup_steps", section.get("warmup_steps", 0), 0)
     base = section.get("codec", {"name": "none"})
     codec = parse_codec(base)
     overrides = []
@@ -241,7 +244,7 @@ def parse_gradwire(section: Mapping[str, Any] | None) -> GradwireConfig:
     rd = section.get("report_dir")
     if rd is not None and not isinstance(rd, str):
         raise ConfigError(f"gradwire.report_dir must be a string, got {rd!r}")
-    return GradwireConfig(enabled=enabled, seed=seed, refresh_every=refresh, codec=codec,
+    return GradwireConfig(enabled=enabled, seed=seed, refresh_every=refresh, warmup_steps=warmup, codec=codec,
                           boundaries=tuple(sorted(overrides)), data_parallel=dp_spec,
                           report_dir=rd)
 

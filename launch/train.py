@@ -118,6 +118,7 @@ def run_inprocess(args, ds_config, gw, gpt_cfg, tokens):
     if bar:
         bar.close()
     return losses, pipe.wire_log.rows, {"stages": stages, "mode": "in-process", "ranks": 1,
+                                        "sparsity_allocations": pipe.allocations,
                                         "layer_ranges": pipe.ranges,
                                         "codec_impl": sorted({_impl(c) for c in pipe.codecs})}
 
@@ -157,24 +158,22 @@ def run_deepspeed(args, ds_config, gw, gpt_cfg, tokens, world):
     data = TokenStream(tokens, gpt_cfg.seq_len, micro, seed=args.seed + 1)
     losses, bar = [], progress(args, rank, args.steps)
     t0 = time.perf_counter()
-    ch = engine._gw_recv_channel  # rank 0 is stage 0: it sees boundary 0 from the receiving side
+    # Rank 0 is stage 0: it sees boundary 0 from the receiving side (bytes received per step).
     raw_per_step = gas * micro * gpt_cfg.seq_len * gpt_cfg.width * 4  # fp32 hidden-state gradients
     prev = 0
     for step in range(args.steps):
         loss = float(engine.train_batch(data_iter=data))
         losses.append(loss)
-        if bar is not None and ch is not None:
-            _tick(bar, loss, (raw_per_step, ch.bytes_received - prev),
+        if bar is not None:
+            _tick(bar, loss, (raw_per_step, engine.gradwire_bytes_received - prev),
                   (step + 1) * gas * micro * gpt_cfg.seq_len, t0)
-            prev = ch.bytes_received
+            prev = engine.gradwire_bytes_received
     if bar:
         bar.close()
     # Gather every rank's telemetry and channel counters to rank 0.
-    chans = [c for c in (engine._gw_send_channel, engine._gw_recv_channel) if c is not None]
     mine = {"rows": engine.gradwire_rows(), "stage": engine.stage_id,
-            "impl": [_impl(c.codec) for c in chans],
-            "sent": engine._gw_send_channel.bytes_sent if engine._gw_send_channel else 0,
-            "received": engine._gw_recv_channel.bytes_received if engine._gw_recv_channel else 0}
+            "impl": [_impl(p.codec) for p in engine.gradwire_policies()],
+            "sent": engine.gradwire_bytes_sent, "received": engine.gradwire_bytes_received}
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, mine)
     rows = [r for e in every for r in e["rows"]]
@@ -189,6 +188,7 @@ def run_deepspeed(args, ds_config, gw, gpt_cfg, tokens, world):
 def _section(gw):
     """The validated section back as JSON (so initialize validates the same thing)."""
     d = {"enabled": gw.enabled, "seed": gw.seed, "refresh_every": gw.refresh_every,
+         "warmup_steps": gw.warmup_steps,
          "codec": gw.codec.to_dict(), "boundaries": {str(b): s.to_dict() for b, s in gw.boundaries}}
     return d
 
@@ -206,6 +206,10 @@ def main(argv=None) -> int:
             raise ConfigError(f"--stages {stages} with {world} ranks: this job runs one stage per "
                               f"rank (no data parallelism); use --stages {world} or launch {stages} ranks")
         gw.check_boundaries(stages)
+        if world > 1 and stages > 2 and any(gw.codec_for(b).heterogeneous for b in range(stages - 1)):
+            raise ConfigError("gradwire.codec.heterogeneous: allocating sparsity across boundaries "
+                              "that live on different ranks is not implemented; run it with one "
+                              "process (in-process stages) or set \"heterogeneous\": false")
         if args.baseline and not os.path.exists(args.baseline):
             raise ConfigError(f"--baseline {args.baseline!r} does not exist (pass a report.json)")
         from gradwire.models.gpt import GPTConfig

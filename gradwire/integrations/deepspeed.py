@@ -7,8 +7,9 @@ re-declares the map. ``initialize`` is a drop-in for ``deepspeed.initialize`` th
 
 Wire protocol per boundary, per micro-batch (sender = stage b+1, receiver = stage b): for each
 gradient tensor DeepSpeed would send, in DeepSpeed's order, a floating-point tensor goes as one
-gradwire packet (``comm.p2p.PacketChannel``: fixed-size codecs into a pre-allocated buffer,
-variable-size ones length first) and a non-float tensor (the int64 metadata of DeepSpeed's
+gradwire packet encoded by the boundary's ``policy.BoundaryPolicy`` at step = micro-batch index
+(``comm.p2p.send_packet``/``recv_packet``: fixed-size codecs into a buffer of the known size,
+variable-size ones length first; a codec-fingerprint handshake before the first packet) and a non-float tensor (the int64 metadata of DeepSpeed's
 partitioned-gradient path, used with tensor parallelism) goes raw, as DeepSpeed sends it. So the
 partitioned path compresses the local 1/TP slice of the gradient, and the receiver rebuilds
 the full tensor exactly as DeepSpeed does.
@@ -48,6 +49,32 @@ def _registry_config(spec: CodecSpec) -> dict[str, Any]:
     return d
 
 
+def make_policy(cfg: GradwireConfig, boundary: int):
+    """The ``policy.BoundaryPolicy`` of one pipeline boundary: its codec, the refresh schedule of
+    its lognormal fit, warm-up steps, and seeds ``derive_seed(cfg.seed, step, boundary)``."""
+    from gradwire.policy import BoundaryPolicy, PolicyConfig
+
+    return BoundaryPolicy(PolicyConfig(codec=codec_from_spec(cfg.codec_for(boundary)),
+                                       warmup_steps=cfg.warmup_steps, refresh_every=cfg.refresh_every,
+                                       base_seed=cfg.seed, boundary_id=boundary))
+
+
+def _label(policy, step: int) -> str:
+    """The format used at ``step``: "identity" during warm-up, else the codec's short name."""
+    if policy.in_warmup(step):
+        return "identity(warm-up)"
+    c = policy.codec.config()
+    name = c.get("name")
+    if name == "fp":
+        return f"fp{c['bits']}" + (f"(e{c['exp_bits']})" if c.get("exp_bits") is not None else "")
+    if name == "prune":
+        return f"prune{c['sparsity']:.3g}"
+    if name == "nm":
+        vb = f"+fp{c['value_bits']}" if c.get("value_bits") else ""
+        return f"nm{c['n']}:{c['m']}-{c['method']}{vb}"
+    return str(name)
+
+
 def predicted_size(codec: Codec, shape, dtype, packet: torch.Tensor) -> int:
     """The codec's own size for this tensor: ``packed_size`` for fixed-rate codecs; for
     variable-size ones the packet's length plus the 8-byte length prefix that precedes it."""
@@ -82,24 +109,27 @@ class GradwirePipelineEngine(_PipelineEngine):
         cfg = self.gradwire_config
         cfg.check_boundaries(self.num_stages)
         self.wire_log = WireLog()
-        self._gw_send_channel = None  # to the previous stage (boundary stage_id - 1)
-        self._gw_recv_channel = None  # from the next stage (boundary stage_id)
-        self._gw_counter = {"send": 0, "recv": 0}
-        from gradwire.comm.p2p import PacketChannel
-
-        dev = torch.device(self.device) if not isinstance(self.device, torch.device) else self.device
+        self.gradwire_bytes_sent = 0  # packet bytes (+ length prefixes) this rank sent
+        self.gradwire_bytes_received = 0
+        self._gw_send = None  # (policy, peer global rank): to the previous stage, boundary stage-1
+        self._gw_recv = None  # (policy, peer global rank): from the next stage, boundary stage
+        self._gw_counter = {"send": 0, "recv": 0}  # micro-batches: the policies' step index
+        self._gw_checked = set()
         if not self.is_first_stage():
             b = self.stage_id - 1
-            spec = cfg.codec_for(b)
-            self._gw_send_spec = spec
-            self._gw_send_channel = PacketChannel(
-                codec_from_spec(spec), self.grid.stage_to_global(self.prev_stage),
-                base_seed=cfg.seed, boundary_id=b, device=dev)
+            self._gw_send = (make_policy(cfg, b), self.grid.stage_to_global(self.prev_stage))
         if not self.is_last_stage():
             b = self.stage_id
-            self._gw_recv_channel = PacketChannel(
-                codec_from_spec(cfg.codec_for(b)), self.grid.stage_to_global(self.next_stage),
-                base_seed=cfg.seed, boundary_id=b, device=dev)
+            self._gw_recv = (make_policy(cfg, b), self.grid.stage_to_global(self.next_stage))
+
+    def _gw_handshake(self, policy, peer):
+        # Both ends swap codec fingerprints before the first packet (comm.handshake): a rank
+        # started with another config fails with both configs in the message.
+        if peer not in self._gw_checked:
+            from gradwire.comm.handshake import check_peer
+
+            check_peer(policy.codec, peer, device=self.device)
+            self._gw_checked.add(peer)
 
     # -- the two gradient instructions ------------------------------------------------------
     def _grads_to_send(self, buffer_id):
@@ -127,18 +157,25 @@ class GradwirePipelineEngine(_PipelineEngine):
         return out
 
     def _exec_send_grads(self, buffer_id):
-        ch = self._gw_send_channel
+        from gradwire.comm.p2p import LENGTH_BYTES, send_packet
+
+        policy, peer = self._gw_send
+        self._gw_handshake(policy, peer)
         step = self._gw_counter["send"]
         self._gw_counter["send"] += 1
         for t in self._grads_to_send(buffer_id):
-            if t.is_floating_point():
-                packet = ch.send(t.contiguous(), step)
-                self.wire_log.record(self.global_steps, ch.boundary_id, t, packet,
-                                     predicted_size(ch.codec, t.shape, t.dtype, packet),
-                                     self._gw_send_spec.label,
-                                     sent_bytes=packet.numel() + (0 if ch.codec.fixed_rate else 8))
-            else:
-                _ds_p2p.send(t, self.prev_stage)
+            if not t.is_floating_point():
+                _ds_p2p.send(t, self.prev_stage)  # partition metadata: raw, as DeepSpeed sends it
+                continue
+            t = t.contiguous()
+            packet = policy.encode(t, step)
+            fixed = policy.packed_size(t.shape, t.dtype, step)
+            send_packet(packet, peer, with_length=fixed is None)
+            sent = packet.numel() + (LENGTH_BYTES if fixed is None else 0)
+            self.gradwire_bytes_sent += sent
+            self.wire_log.record(self.global_steps, policy.config.boundary_id, t, packet,
+                                 fixed if fixed is not None else sent,
+                                 _label(policy, step), sent_bytes=sent)
         self.pipe_buffers["inputs"][buffer_id] = None
 
     def _exec_recv_grads(self, buffer_id):
@@ -161,16 +198,32 @@ class GradwirePipelineEngine(_PipelineEngine):
             like += [(t.shape, t.dtype) for t in outputs[2:] if t.is_floating_point()]
         else:
             like = [(t.shape, t.dtype) for t in outputs if t.is_floating_point()]
-        ch = self._gw_recv_channel
+        from gradwire.comm.p2p import LENGTH_BYTES, recv_packet
+
+        policy, peer = self._gw_recv
+        self._gw_handshake(policy, peer)
+        step = self._gw_counter["recv"]
         self._gw_counter["recv"] += 1
         grads = []
         for shape, dtype in like:
-            if dtype.is_floating_point:
-                grads.append(ch.recv(shape, dtype))
-            else:
+            if not dtype.is_floating_point:
                 buf = torch.zeros(shape, dtype=dtype, device=self.device)
                 _ds_p2p.recv(buf, self.next_stage)
                 grads.append(buf)
+                continue
+            size = policy.packed_size(shape, dtype, step)
+            if size is not None:  # fixed-rate: receive into a buffer of the known size
+                packet = recv_packet(peer, out=torch.empty(size, dtype=torch.uint8, device=self.device))
+                self.gradwire_bytes_received += size
+            else:  # variable-size: length first, bounded by the codec's maximum
+                packet = recv_packet(peer, device=self.device,
+                                     max_size=policy.max_packed_size(shape, dtype, step))
+                self.gradwire_bytes_received += packet.numel() + LENGTH_BYTES
+            g = policy.decode(packet, dtype=dtype)
+            if tuple(g.shape) != tuple(shape):
+                raise RuntimeError(f"gradwire: stage {self.next_stage} sent a gradient of shape "
+                                   f"{tuple(g.shape)}, expected {tuple(shape)}")
+            grads.append(g)
         # DeepSpeed's backward reads self.grad_layer: a tensor, or a list in the same order.
         self.grad_layer = grads[0] if isinstance(outputs, torch.Tensor) else grads
 
@@ -186,6 +239,10 @@ class GradwirePipelineEngine(_PipelineEngine):
         from dataclasses import asdict
 
         return [asdict(r) for r in self.wire_log.rows]
+
+    def gradwire_policies(self) -> list:
+        """This rank's boundary policies (sender side first), for telemetry."""
+        return [x[0] for x in (self._gw_send, self._gw_recv) if x is not None]
 
 
 def initialize(*, model, config: Mapping[str, Any] | str, **kwargs):

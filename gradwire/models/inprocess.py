@@ -6,8 +6,9 @@ boundary is encoded to a packet by the boundary's codec, decoded, and only the d
 continues backward -- exactly what the previous stage would receive over the wire. The packet
 sizes are logged, so the report states the bytes that would have crossed.
 
-Per-boundary seeds follow ``comm.p2p.PacketChannel``: ``derive_seed(seed, counter, boundary)``
-with ``counter`` the micro-batch index since the start.
+Each boundary has a ``policy.BoundaryPolicy`` (as in the multi-rank engine): step = micro-batch
+index since the start, seeds ``derive_seed(seed, step, boundary)``, fits refreshed on its
+schedule, and, for ``"heterogeneous"`` pruning, sparsities re-allocated across boundaries.
 """
 from __future__ import annotations
 
@@ -26,21 +27,27 @@ class InProcessPipeline(nn.Module):
     def __init__(self, layers: Sequence[nn.Module], num_stages: int, config: GradwireConfig,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
         super().__init__()
-        from gradwire.integrations.deepspeed import codec_from_spec
+        from gradwire.integrations.deepspeed import make_policy
 
         config.check_boundaries(num_stages)
         self.ranges = split_uniform(len(layers), num_stages)
         self.stages = nn.ModuleList(nn.Sequential(*layers[a:b]) for a, b in self.ranges)
         self.config, self.loss_fn = config, loss_fn
         self.specs = [config.codec_for(b) for b in range(num_stages - 1)]
-        self.codecs = [codec_from_spec(s) for s in self.specs]
+        self.policies = [make_policy(config, b) for b in range(num_stages - 1)]
+        # Heterogeneous pruning (paper 001 Sec. 5.3): boundaries whose spec asks for it share one
+        # element-weighted sparsity budget, re-allocated after every refresh of their fits.
+        self.hetero = [p for p, s in zip(self.policies, self.specs) if s.name == "prune" and s.heterogeneous]
+        self.hetero_budget = next((s.sparsity for s in self.specs if s.name == "prune" and s.heterogeneous), None)
+        self.allocations: list[tuple[int, list[float]]] = []
         self.wire_log = WireLog()
         self.counter = 0  # micro-batches processed (the seed counter)
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, step: int, scale: float = 1.0) -> float:
         """One micro-batch: forward through all stages, backward with compressed boundaries.
         Gradients accumulate into the parameters (``loss * scale`` is differentiated)."""
-        from gradwire.integrations.deepspeed import predicted_size
+        from gradwire.comm.p2p import LENGTH_BYTES
+        from gradwire.integrations.deepspeed import _label
 
         outs, ins = [], []
         h = x
@@ -55,14 +62,24 @@ class InProcessPipeline(nn.Module):
         (loss * scale).backward()
         for b in reversed(range(len(self.stages) - 1)):
             g = ins[b].grad
-            codec = self.codecs[b]
-            packet = codec.encode(g, seed=derive_seed(self.config.seed, self.counter, b))
-            pred = predicted_size(codec, g.shape, g.dtype, packet)
-            sent = packet.numel() + (0 if codec.fixed_rate else pred - packet.numel())
-            self.wire_log.record(step, b, g, packet, pred, self.specs[b].label, sent_bytes=sent)
-            outs[b].backward(codec.decode(packet, dtype=g.dtype))
+            policy, step_b = self.policies[b], self.counter
+            packet = policy.encode(g, step_b)
+            fixed = policy.packed_size(g.shape, g.dtype, step_b)
+            # What would cross a wire: the packet, plus the length prefix of a variable-size codec.
+            sent = packet.numel() + (0 if fixed is not None else LENGTH_BYTES)
+            self.wire_log.record(step, b, g, packet, fixed if fixed is not None else sent,
+                                 _label(policy, step_b), sent_bytes=sent)
+            outs[b].backward(policy.decode(packet, dtype=g.dtype))
+        if self.hetero and self.counter % self.config.refresh_every == 0 and self.counter > 0:
+            from gradwire.policy import allocate_heterogeneous
+
+            self.allocations.append((self.counter, allocate_heterogeneous(self.hetero, self.hetero_budget)))
         self.counter += 1
         return float(loss.detach())
+
+    @property
+    def codecs(self):
+        return [p.codec for p in self.policies]
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> float:

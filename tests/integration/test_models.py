@@ -105,3 +105,22 @@ def test_inprocess_compressed_boundary_counts_the_codecs_packet_sizes():
         assert by_b[b].fmt == f"fp{bits}"
     # 6- and 8-bit payloads of 256 elements (192 and 256 bytes) plus the same header size
     assert by_b[1].sent_bytes - by_b[0].sent_bytes == 256 - 192
+
+
+def test_inprocess_heterogeneous_pruning_keeps_the_budget_and_warmup_sends_identity():
+    cfg = GPTConfig(vocab=16, seq_len=8, width=16, depth=2, heads=2)
+    gw = parse_gradwire({"codec": {"name": "prune", "sparsity": 0.8, "heterogeneous": True},
+                         "refresh_every": 2, "warmup_steps": 1})
+    pipe = InProcessPipeline(gpt_layers(cfg), 4, gw, lm_loss)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(5):
+        x = torch.randint(0, 16, (2, 8), generator=gen)
+        pipe.forward_backward(x, x, step)
+    labels = [r.fmt for r in pipe.wire_log.rows]
+    assert labels[:3] == ["identity(warm-up)"] * 3  # step 0, three boundaries
+    assert all(lbl.startswith("prune") for lbl in labels[3:])
+    assert [c for c, _ in pipe.allocations] == [2, 4]
+    for _, s in pipe.allocations:
+        # equal numels at every boundary: the element-weighted mean is the plain mean
+        assert abs(sum(s) / len(s) - 0.8) < 1e-6, s
+    assert [p.codec.config()["sparsity"] for p in pipe.policies] == pytest.approx(pipe.allocations[-1][1])
