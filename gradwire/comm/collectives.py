@@ -21,6 +21,7 @@ Seeds: phase 1 chunk j on rank i uses ``derive_seed(seed, 1, i, j)``, phase 2 on
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Sequence
 
 import torch
@@ -137,16 +138,23 @@ def compressed_all_reduce(tensor: torch.Tensor, codec: Codec, *, group=None, see
     flat = tensor.detach().reshape(-1)
     bounds = chunk_bounds(flat.numel(), p, align)
     shapes = [(b - a,) for a, b in bounds]
+    clock = [time.perf_counter()]  # phase timings for the trace (encode / exchange / decode)
     out1 = [_encode(codec, flat[a:b], derive_seed(seed, 1, me, j), fit) for j, (a, b) in enumerate(bounds)]
+    clock.append(time.perf_counter())
     recv_sizes = None if not codec.fixed_rate else [_expected(codec, [shapes[me]], tensor.dtype)[0]] * p
     got1 = exchange_packets(out1, group, sizes_known=recv_sizes)
-    a, b = bounds[me]
+    clock.append(time.perf_counter())
     mine = _decode_sum(codec, got1, shapes[me], tensor.device).to(tensor.dtype)
     pk2 = _encode(codec, mine, derive_seed(seed, 2, me), fit)
+    clock.append(time.perf_counter())
     got2 = all_gather_bytes(pk2, group, sizes_known=_expected(codec, shapes, tensor.dtype))
+    clock.append(time.perf_counter())
     parts = [codec.decode(pk, dtype=tensor.dtype) if pk.numel() else flat.new_empty(0) for pk in got2]
     result = torch.cat([q.reshape(-1) for q in parts]).reshape(tensor.shape)
+    clock.append(time.perf_counter())
     if trace is not None:
+        d = [b - a for a, b in zip(clock, clock[1:])]
+        trace.update(seconds_codec=d[0] + d[2] + d[4], seconds_exchange=d[1] + d[3])
         trace.update(phase1_recv=got1, phase2_recv=got2,
                      bytes_sent=_sent([t.numel() for t in out1], me) + (p - 1) * pk2.numel()
                      + _size_bytes(codec, p, phases=2),

@@ -12,7 +12,7 @@ from gradwire.comm import (check_group, ConfigMismatchError, PacketChannel, Peer
                            compressed_all_gather, compressed_all_reduce, compressed_reduce_scatter)
 from gradwire.testing.codecs import CastCodec, ThresholdCodec
 from gradwire.testing.launch import run_workers, values
-from wire_counter import count_wire_bytes
+from gradwire.testing.wire import count_wire_bytes
 
 SIZES = [1, 3, 64, 1001]  # n < p, odd sizes with uneven chunks, and larger
 DTYPES = [torch.float32, torch.bfloat16]

@@ -27,7 +27,7 @@ from gradwire.comm import check_group
 from gradwire.integrations.ddp import GradwireDDPState, gradwire_allreduce_hook
 from gradwire.integrations.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from gradwire.testing.launch import run_workers, values
-from wire_counter import count_wire_bytes
+from gradwire.testing.wire import count_wire_bytes
 
 U = 2.0**-8
 ETA, STEPS = 0.02, 6

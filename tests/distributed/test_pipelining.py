@@ -29,7 +29,7 @@ from gradwire.comm import ConfigMismatchError
 from gradwire.integrations.pipelining import CompressedPipelineStage
 from gradwire.testing.codecs import ThresholdCodec
 from gradwire.testing.launch import run_workers, values
-from wire_counter import count_wire_bytes
+from gradwire.testing.wire import count_wire_bytes
 
 D, B, MB, ETA, STEPS = 16, 16, 4, 0.05, 4
 U = 2.0**-8
