@@ -58,7 +58,7 @@ class _RawCastCodec(Codec):
 
     def packed_size(self, shape: Sequence[int], dtype: torch.dtype) -> int:
         dtype_code(dtype)
-        return header_size(len(shape), 0) + _numel(shape) * self._wire(dtype).itemsize
+        return header_size(shape, 0) + _numel(shape) * self._wire(dtype).itemsize
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name}
@@ -137,7 +137,7 @@ class _FP8Codec(Codec):
 
     def packed_size(self, shape: Sequence[int], dtype: torch.dtype) -> int:
         dtype_code(dtype)
-        return header_size(len(shape), _SCALE.size) + _numel(shape)
+        return header_size(shape, _SCALE.size) + _numel(shape)
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name}

@@ -221,4 +221,4 @@ class FPCodec(Codec):
         n = 1
         for d in shape:
             n *= int(d)
-        return header_size(len(shape), FORMAT_PARAMS.size) + packed_nbytes(n, self.bits)
+        return header_size(shape, FORMAT_PARAMS.size) + packed_nbytes(n, self.bits)

@@ -12,13 +12,17 @@ Fixed part (24 bytes, ``struct`` format ``<4sBBBBBBHQI``)::
     7      1    src_dtype        DTYPE_CODES: 1 float32, 2 bfloat16, 3 float16
     8      1    ndim             0..MAX_NDIM
     9      1    param_len        bytes of the codec parameter block
-    10     2    header_len       total header bytes (multiple of 8, includes the header CRC)
+    10     2    header_len       total header bytes (includes the header CRC)
     12     8    payload_len      bytes that follow the header
     20     4    payload_crc      CRC-32 (zlib) of the payload
-    24     8*ndim  shape         u64 per dimension
+    24     ..   shape            ndim unsigned LEB128 varints (7 bits per byte, low group first,
+                                 high bit = "more"; minimal length; at most 9 bytes, < 2**63)
     ..     param_len  params     codec parameters (scale exponent, threshold, formats, counts)
-    ..     0..7 zero padding     so that the payload starts 8-byte aligned (raw values can be viewed)
     header_len-4  4  header_crc  CRC-32 of header bytes [0, header_len - 4)
+
+Why varints: a 64K-element tensor at ~1 bit per element (prune at S=0.99) has an 8 KiB payload,
+and the "header under 1%" goal leaves ~80 bytes; u64 dimensions would spend 8 bytes each.
+Codecs copy the payload before viewing it as wider dtypes, so no alignment padding is needed.
 
 Why a header CRC as well as the payload CRC: a flipped bit in the scale exponent or the threshold
 would otherwise decode to a plausible but wrong tensor, silently. Both checksums are verified
@@ -40,8 +44,8 @@ MAX_NDIM = 16
 _FIXED = struct.Struct("<4sBBBBBBHQI")
 FIXED_SIZE = _FIXED.size  # 24
 _CRC = struct.Struct("<I")
-_DIM = struct.Struct("<Q")
 MAX_DIM = (1 << 63) - 1  # torch sizes are int64
+_MAX_VARINT = 9  # bytes of a varint below 2**63
 
 DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
 CODE_DTYPES: dict[int, torch.dtype] = {v: k for k, v in DTYPE_CODES.items()}
@@ -75,10 +79,37 @@ class Header:
         return n
 
 
-def header_size(ndim: int, param_len: int) -> int:
-    """Bytes of the header for ``ndim`` dimensions and a ``param_len``-byte parameter block."""
-    raw = FIXED_SIZE + 8 * ndim + param_len + 4
-    return (raw + 7) // 8 * 8
+def varint(v: int) -> bytes:
+    """Unsigned LEB128 encoding of 0 <= v < 2**63."""
+    if not 0 <= v <= MAX_DIM:
+        raise ValueError(f"tensor dimensions must be in [0, 2**63), got {v}")
+    out = bytearray()
+    while True:
+        byte, v = v & 0x7F, v >> 7
+        out.append(byte | (0x80 if v else 0))
+        if not v:
+            return bytes(out)
+
+
+def _read_varint(buf: bytes, off: int, end: int, i: int) -> tuple[int, int]:
+    """Decode one varint of ``buf[off:end]``; PacketError names dimension ``i`` if malformed."""
+    v = shift = 0
+    for k in range(_MAX_VARINT):
+        if off + k >= end:
+            raise PacketError(f"shape[{i}]: expected a varint, found the end of the shape field")
+        byte = buf[off + k]
+        v |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            if k and byte == 0:
+                raise PacketError(f"shape[{i}]: expected a minimal varint, found a redundant zero byte")
+            return v, off + k + 1  # 9 groups of 7 bits: always <= MAX_DIM
+    raise PacketError(f"shape[{i}]: expected a varint of at most {_MAX_VARINT} bytes")
+
+
+def header_size(shape: Sequence[int], param_len: int) -> int:
+    """Bytes of the header for a tensor of ``shape`` and a ``param_len``-byte parameter block."""
+    return FIXED_SIZE + sum(len(varint(int(d))) for d in shape) + param_len + 4
 
 
 def dtype_code(dtype: torch.dtype) -> int:
@@ -115,13 +146,12 @@ def build_packet(
         raise ValueError(f"tensors of at most {MAX_NDIM} dimensions can be encoded, got {len(shape)}")
     if len(params) > 255:
         raise ValueError(f"codec parameter block too long: {len(params)} > 255 bytes")
-    hlen = header_size(len(shape), len(params))
+    hlen = header_size(shape, len(params))
     fixed = _FIXED.pack(
         MAGIC, FORMAT_VERSION, codec_id, flags, dtype_code(src_dtype), len(shape), len(params),
         hlen, payload.numel(), crc32(payload),
     )
-    body = fixed + b"".join(_DIM.pack(d) for d in shape) + params
-    body += b"\0" * (hlen - 4 - len(body))
+    body = fixed + b"".join(varint(d) for d in shape) + params
     body += _CRC.pack(zlib.crc32(body) & 0xFFFFFFFF)
     head = torch.frombuffer(bytearray(body), dtype=torch.uint8).to(payload.device)
     return torch.cat([head, payload])
@@ -154,10 +184,10 @@ def parse_packet(packet: torch.Tensor) -> tuple[Header, torch.Tensor]:
         raise PacketError(f"version: expected {FORMAT_VERSION}, found {version}")
     if ndim > MAX_NDIM:
         raise PacketError(f"ndim: expected at most {MAX_NDIM}, found {ndim}")
-    want_hlen = header_size(ndim, plen)
-    if hlen != want_hlen:
+    lo, hi = FIXED_SIZE + ndim + plen + 4, FIXED_SIZE + _MAX_VARINT * ndim + plen + 4
+    if not lo <= hlen <= hi:
         raise PacketError(
-            f"header_len: expected {want_hlen} for ndim={ndim}, param_len={plen}; found {hlen}"
+            f"header_len: expected {lo}..{hi} for ndim={ndim}, param_len={plen}; found {hlen}"
         )
     if total < hlen:
         raise PacketError(f"packet length: header needs {hlen} bytes, packet has {total}")
@@ -173,15 +203,16 @@ def parse_packet(packet: torch.Tensor) -> tuple[Header, torch.Tensor]:
             f"payload_len: header says {payload_len} bytes, packet carries {total - hlen} "
             f"(truncated or padded packet)"
         )
-    off = FIXED_SIZE
-    shape = tuple(_DIM.unpack_from(head, off + 8 * i)[0] for i in range(ndim))
-    for i, d in enumerate(shape):
-        if d > MAX_DIM:
-            raise PacketError(f"shape[{i}]: expected at most {MAX_DIM}, found {d}")
-    off += 8 * ndim
-    params = head[off: off + plen]
-    if any(head[off + plen: hlen - 4]):
-        raise PacketError("header padding: expected zero bytes, found nonzero")
+    shape_end = hlen - 4 - plen
+    off, dims = FIXED_SIZE, []
+    for i in range(ndim):
+        d, off = _read_varint(head, off, shape_end, i)
+        dims.append(d)
+    if off != shape_end:
+        raise PacketError(f"shape: expected {ndim} varints filling {shape_end - FIXED_SIZE} bytes, "
+                          f"found {off - FIXED_SIZE} bytes used")
+    shape = tuple(dims)
+    params = head[shape_end: shape_end + plen]
     payload = packet[hlen:]
     got_crc = crc32(payload)
     if got_crc != payload_crc:

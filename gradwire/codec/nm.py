@@ -240,4 +240,4 @@ class NMCodec(Codec):
         dim = self._norm_dim(len(shape)) if shape else None
         if dim is None or shape[dim] % self.m:
             raise ValueError(f"N:M blocks of M={self.m} need shape[{self.dim}] divisible by {self.m}, got {shape}")
-        return header_size(len(shape), NM_PARAMS.size) + sum(self._sizes(shape, dtype, self.value_bits))
+        return header_size(shape, NM_PARAMS.size) + sum(self._sizes(shape, dtype, self.value_bits))

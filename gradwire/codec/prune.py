@@ -104,16 +104,9 @@ class PruneCodec(Codec):
         f = usable_fit(x, fit)
         if f is None:  # all zeros / non-finite: nothing to prune
             return 0.0
-        try:
-            alpha = pruning_threshold_for(f, self.sparsity)
-        except ValueError:
-            # Workaround: lognormal.pruning_threshold's root bracket fails for sigma_ln below
-            # ~1e-2 (near-constant magnitudes; reported). Use its own constant-|g| closed form,
-            # alpha = e^mu / (1 - S'), with S' the sparsity among the nonzeros.
-            z = f.zero_fraction
-            if not f.sigma_ln < 0.05 or self.sparsity <= z:
-                raise
-            alpha = math.exp(f.mu_ln) / (1.0 - (self.sparsity - z) / (1.0 - z))
+        # Capped at the dtype's largest finite value (fp16: 65504) so that a target near 1 prunes
+        # everything finite instead of failing on an unrepresentable threshold.
+        alpha = min(pruning_threshold_for(f, self.sparsity), torch.finfo(x.dtype).max)
         return effective_alpha(alpha, x.dtype)
 
     def encode(self, x: torch.Tensor, *, seed: int = 0, fit: Any | None = None) -> torch.Tensor:
@@ -212,4 +205,4 @@ class PruneCodec(Codec):
         for d in shape:
             n *= int(d)
         kept = packed_nbytes(n, self.kept_bits) if self.kept_bits else n * dtype.itemsize
-        return header_size(len(shape), PRUNE_PARAMS.size) + 3 * packed_nbytes(n, 1) + kept
+        return header_size(shape, PRUNE_PARAMS.size) + 3 * packed_nbytes(n, 1) + kept

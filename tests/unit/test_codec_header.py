@@ -13,6 +13,7 @@ from gradwire.codec.header import (
     check_config,
     header_size,
     parse_packet,
+    varint,
 )
 
 
@@ -23,15 +24,49 @@ def _packet(shape=(3, 5), params=b"\x01\x02\x03", payload=b"hello world", dtype=
 def test_layout_pinned():
     p = _packet()
     raw = bytes(p.tolist())
-    hlen = header_size(2, 3)
-    assert hlen == 48  # 24 fixed + 16 shape + 3 params + 4 crc = 47, padded to a multiple of 8
+    hlen = header_size((3, 5), 3)
+    assert hlen == 33  # 24 fixed + 2 varint dims + 3 params + 4 crc
     assert raw[:4] == MAGIC
     fields = struct.unpack("<4sBBBBBBHQI", raw[:FIXED_SIZE])
     assert fields == (MAGIC, 1, 7, 5, 2, 2, 3, hlen, 11, zlib.crc32(b"hello world"))
-    assert struct.unpack("<QQ", raw[24:40]) == (3, 5)
-    assert raw[40:43] == b"\x01\x02\x03"
+    assert raw[24:26] == b"\x03\x05"
+    assert raw[26:29] == b"\x01\x02\x03"
     assert struct.unpack("<I", raw[hlen - 4:hlen])[0] == zlib.crc32(raw[: hlen - 4])
     assert raw[hlen:] == b"hello world"
+
+
+def test_varints():
+    assert [varint(v) for v in (0, 1, 127, 128, 300, 65536)] == [
+        b"\x00", b"\x01", b"\x7f", b"\x80\x01", b"\xac\x02", b"\x80\x80\x04"]
+    assert len(varint(2**63 - 1)) == 9
+    with pytest.raises(ValueError, match="dimensions"):
+        varint(-1)
+    shape = (0, 1, 300, 2**40, 2**63 - 1)
+    h, _ = parse_packet(build_packet(1, torch.float32, shape, b"", torch.zeros(0, dtype=torch.uint8)))
+    assert h.shape == shape
+
+
+def _forge_header(shape_bytes: bytes, ndim: int, params=b"") -> torch.Tensor:
+    """A header with valid CRCs around an arbitrary shape field."""
+    hlen = FIXED_SIZE + len(shape_bytes) + len(params) + 4
+    body = struct.pack("<4sBBBBBBHQI", MAGIC, 1, 1, 0, 1, ndim, len(params), hlen, 0, 0) + shape_bytes + params
+    body += struct.pack("<I", zlib.crc32(body))
+    return torch.tensor(list(body), dtype=torch.uint8)
+
+
+def test_malformed_shape_fields():
+    parse_packet(_forge_header(b"\xac\x02", 1))  # well formed
+    with pytest.raises(PacketError, match="minimal varint"):
+        parse_packet(_forge_header(b"\x80\x00", 1))
+    with pytest.raises(PacketError, match="end of the shape field"):
+        parse_packet(_forge_header(b"\x05\x80", 2))
+    assert parse_packet(_forge_header(b"\xff" * 8 + b"\x7f", 1))[0].shape == (2**63 - 1,)  # 9 x 7 bits
+    with pytest.raises(PacketError, match="at most 9 bytes"):
+        parse_packet(_forge_header(b"\xff" * 9 + b"\x01\x05", 2))
+    with pytest.raises(PacketError, match="filling"):
+        parse_packet(_forge_header(b"\x05\x05\x05", 2))
+    with pytest.raises(PacketError, match="header_len"):
+        parse_packet(_forge_header(b"\x05", 2))
 
 
 def test_parse_round_trip():
@@ -80,7 +115,7 @@ def test_error_messages_name_field_expected_found():
     with pytest.raises(PacketError, match="payload_crc"):
         parse_packet(q)
     q = p.clone()
-    q[30] ^= 1  # a shape byte: caught by the header CRC
+    q[24] ^= 1  # a shape byte: caught by the header CRC
     with pytest.raises(PacketError, match="header_crc"):
         parse_packet(q)
 

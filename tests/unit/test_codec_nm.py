@@ -73,7 +73,7 @@ def test_property_round_trip(pattern, lead, blocks, dtype, value_bits, seed, dim
 
 
 def test_sizes_exploit_structure():
-    shape, hdr = (64, 1024), header_size(2, NM_PARAMS.size)
+    shape, hdr = (64, 1024), header_size((64, 1024), NM_PARAMS.size)
     numel = 64 * 1024
     # 2:4: one of C(4,2) = 6 index pairs -> 3 bits per block, + 2 FP8 values = 19 bits / 4 elements
     assert NMCodec(2, 4, value_bits=8).packed_size(shape, torch.float32) == hdr + numel // 4 * 19 // 8
