@@ -45,7 +45,16 @@ GW_HD int clz32(uint32_t v) {
 #endif
 }
 
-// Code of one element, the decision of numerics/fp.py::encode_codes made in integers.
+// The two candidate codes of one element and the stochastic threshold between them:
+//   code = (r24 < thresh) ? hi : lo,   r24 = random_u32(seed, counter) >> 8.
+// For round-to-nearest (and for saturated / non-finite / zero inputs) lo is the final code and
+// thresh = 0. Splitting the decision this way lets the CPU kernel tabulate lo/hi/thresh once per
+// 16-bit input pattern (bf16/fp16) and leave only the hash and a compare per element.
+struct FpSplit {
+  uint32_t lo, hi, thresh;
+};
+
+// The decision of numerics/fp.py::encode_codes, made in integers.
 // |x| = sig * 2**(e - 23) with sig in [2**23, 2**24) (float32 subnormals normalised), so
 // |x| * 2**scale_exp has exponent Ey = e + scale_exp: the scale never touches a float.
 // The grid cell has exponent Eq = max(Ey, emin) and spacing 2**(Eq - m) (2**emin for the
@@ -53,15 +62,25 @@ GW_HD int clz32(uint32_t v) {
 //   shift = 23 - m' + (Eq - Ey),   m' = m (or 0 in the no-subnormal cell).
 // q = sig >> shift is the lower neighbour, rem / 2**shift the exact fraction towards the upper:
 //   nearest: up iff rem > half or (rem == half and the lower code is odd)
-//   stochastic: up iff u < rem / 2**shift, u = r24 * 2**-24  <=>  r24 * 2**shift < rem * 2**24.
+//   stochastic: up iff u < rem / 2**shift with u = r24 * 2**-24, i.e. r24 * 2**shift < rem * 2**24,
+//     i.e. r24 < thresh with thresh = rem << (24 - shift)            (shift <= 24)
+//                                 or ceil(rem / 2**(shift - 24))     (shift > 24, r24 integer).
 // Shifts are capped at 63: sig < 2**24, so every shift >= 25 takes the same decisions (the
 // oracle's n >= -25 clamp is the same observation).
-GW_HD uint32_t fp_encode_one(float x, const FpParams& p, RngKeys keys, uint64_t index) {
+GW_HD FpSplit fp_split(float x, const FpParams& p) {
+  FpSplit out;
+  out.thresh = 0u;
   const uint32_t xb = f32_bits(x);
-  if ((xb & 0x7F800000u) == 0x7F800000u) return p.nonfinite;  // Inf/NaN are data
+  if ((xb & 0x7F800000u) == 0x7F800000u) {  // Inf/NaN are data
+    out.lo = out.hi = p.nonfinite;
+    return out;
+  }
   const uint32_t ab = xb & 0x7FFFFFFFu;
-  if (ab == 0) return 0u;
-  const uint32_t sign = xb >> 31;
+  if (ab == 0) {
+    out.lo = out.hi = 0u;
+    return out;
+  }
+  const uint32_t sbit = (xb >> 31) << (p.bits - 1);
   const int ea = static_cast<int>(ab >> 23);
   uint64_t sig;
   int e;
@@ -74,38 +93,45 @@ GW_HD uint32_t fp_encode_one(float x, const FpParams& p, RngKeys keys, uint64_t 
     e = -126 - sh;
   }
   const int ey = e + p.scale_exp;
-  uint32_t mag;
-  if (ey > p.emax) {
-    mag = p.max_mag;  // saturate: there is no upper neighbour
+  if (ey > p.emax) {  // saturate: there is no upper neighbour
+    out.lo = out.hi = sbit | p.max_mag;
+    return out;
+  }
+  const int cell_normal = ey >= p.emin;
+  const int eq = cell_normal ? ey : p.emin;
+  const int mb = (cell_normal || p.subnormals) ? p.man_bits : 0;
+  int shift = 23 - mb + (eq - ey);
+  if (shift > 63) shift = 63;
+  const uint64_t q = sig >> shift;
+  const uint64_t rem = sig - (q << shift);
+  // Magnitudes of the neighbours (the flush-to-zero cell lies between 0 and min_normal).
+  uint32_t lo = (cell_normal || p.subnormals)
+                    ? (static_cast<uint32_t>(eq - p.emin) << p.man_bits) + static_cast<uint32_t>(q)
+                    : 0u;
+  uint32_t hi = (cell_normal || p.subnormals) ? lo + 1u : (1u << p.man_bits);
+  if (lo > p.max_mag) lo = p.max_mag;
+  if (hi > p.max_mag) hi = p.max_mag;
+  if (p.stochastic) {
+    const int d = shift - 24;
+    out.thresh = d <= 0 ? static_cast<uint32_t>(rem << (-d))
+                        : static_cast<uint32_t>((rem + ((uint64_t(1) << d) - 1)) >> d);
   } else {
-    const int cell_normal = ey >= p.emin;
-    const int eq = cell_normal ? ey : p.emin;
-    const int mb = (cell_normal || p.subnormals) ? p.man_bits : 0;
-    int shift = 23 - mb + (eq - ey);
-    if (shift > 63) shift = 63;
-    const uint64_t q = sig >> shift;
-    const uint64_t rem = sig - (q << shift);
-    // Code of the lower neighbour (q is 0 in the flush-to-zero cell, whose lower code is 0).
-    const uint32_t lo = (cell_normal || p.subnormals)
-                            ? (static_cast<uint32_t>(eq - p.emin) << p.man_bits) + static_cast<uint32_t>(q)
-                            : 0u;
-    uint32_t up;
-    if (p.stochastic) {
-      const uint64_t r24 = random_u32(keys, index) >> 8;
-      up = shift <= 24 ? (r24 < (rem << (24 - shift))) : ((r24 << (shift - 24)) < rem);
-    } else {
-      const uint64_t half = uint64_t(1) << (shift - 1);
-      // Ties go to the even *code* (with man_bits = 0 the exponent field's LSB decides).
-      up = (rem > half) || (rem == half && (lo & 1u));
-    }
-    if (cell_normal || p.subnormals)
-      mag = lo + up;
-    else
-      mag = up << p.man_bits;  // between 0 and min_normal
-    if (mag > p.max_mag) mag = p.max_mag;
+    const uint64_t half = uint64_t(1) << (shift - 1);
+    // Ties go to the even *code* (with man_bits = 0 the exponent field's LSB decides).
+    if ((rem > half) || (rem == half && (lo & 1u))) lo = hi;
+    hi = lo;
   }
   // -0 is the non-finite code, so a value that rounds to zero is +0 whatever its sign.
-  return mag ? (sign << (p.bits - 1)) | mag : 0u;
+  out.lo = lo ? (sbit | lo) : 0u;
+  out.hi = hi ? (sbit | hi) : 0u;
+  return out;
+}
+
+// Code of one element (counter `index` for stochastic rounding).
+GW_HD uint32_t fp_encode_one(float x, const FpParams& p, RngKeys keys, uint64_t index) {
+  const FpSplit s = fp_split(x, p);
+  if (s.thresh == 0u) return s.lo;
+  return (random_u32(keys, index) >> 8) < s.thresh ? s.hi : s.lo;
 }
 
 // float32 value of a code, before the 2**-scale_exp of decoding (NaN for the non-finite code).

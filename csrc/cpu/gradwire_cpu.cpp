@@ -14,6 +14,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <mutex>
 #include <vector>
 
 #include "../common/fp_codec.h"
@@ -154,6 +155,155 @@ void fp_encode_chunks(const T* x, uint8_t* out, int64_t n, const FpParams& p, Rn
   });
 }
 
+// r24 = random_u32(seed, first + j) >> 8 for j < count. Baseline x86-64 (SSE2) has no 32-bit
+// vector multiply, so the hash would run scalar; target_clones compiles an AVX2 copy too and
+// picks it at load time (no -march flag, the binary stays portable). Same integer results.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void hash_r24_block(RngKeys keys, uint64_t first, int count, uint32_t* out) {
+  for (int j = 0; j < count; ++j) {
+    const uint64_t idx = first + static_cast<uint64_t>(j);
+    out[j] = random_u32(keys, idx) >> 8;
+  }
+}
+
+// ---- 16-bit inputs (bf16/fp16): tables and histograms -------------------------------------
+// A 16-bit input has only 2**16 bit patterns, so (1) the encode decision is tabulated once per
+// call (lo/hi codes and the stochastic threshold per pattern, from the same fp_split), leaving a
+// hash, a compare and two table loads per element; (2) the statistics are a histogram of |x|
+// patterns (2**15 integer bins: exact and order-free), turned into sums once, in bin order.
+constexpr int64_t kTableMinNumel = int64_t(1) << 18;  // below, building 64K entries costs more
+constexpr int kAbsBins = 1 << 15;
+
+template <typename T>
+inline uint16_t raw16(T v) {
+  uint16_t r;
+  std::memcpy(&r, &v, 2);
+  return r;
+}
+
+template <typename T>
+inline float value16(uint16_t bits) {
+  T v;
+  std::memcpy(&v, &bits, 2);
+  return static_cast<float>(v);
+}
+
+// Stats from a histogram of |x| bit patterns, summed in fixed bin order.
+template <typename T>
+at::Tensor stats_from_hist(const std::vector<int64_t>& hist) {
+  LocalStats st;
+  for (int b = 0; b < kAbsBins; ++b) {
+    const int64_t c = hist[b];
+    if (!c) continue;
+    const float v = value16<T>(static_cast<uint16_t>(b));
+    if (!std::isfinite(v)) {
+      st.n_nonfinite += c;
+    } else if (v == 0.0f) {
+      st.n_zero += c;
+    } else {
+      const double l = std::log2(static_cast<double>(v));
+      st.n_fnz += c;
+      st.s1 += static_cast<double>(c) * l;
+      st.s2 += static_cast<double>(c) * (l * l);
+    }
+  }
+  return merge_stats({st});
+}
+
+// Runs body(begin, end, hist) over chunk ranges in parallel, each with a private uint32
+// histogram flushed into the shared int64 one (integer sums: any merge order is exact).
+template <typename F>
+std::vector<int64_t> parallel_hist(int64_t n, const F& body) {
+  std::vector<int64_t> total(kAbsBins, 0);
+  std::mutex mu;
+  const int64_t nchunks = (n + kChunk - 1) / kChunk;
+  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<uint32_t> h(kAbsBins, 0);
+    constexpr int64_t kFlush = 16384;  // chunks per flush: < 2**32 counts per bin
+    for (int64_t a = c0; a < c1; a += kFlush) {
+      const int64_t b = std::min(c1, a + kFlush);
+      body(a * kChunk, std::min(n, b * kChunk), h.data());
+      std::lock_guard<std::mutex> lock(mu);
+      for (int i = 0; i < kAbsBins; ++i) {
+        total[i] += h[i];
+        h[i] = 0;
+      }
+    }
+  });
+  return total;
+}
+
+struct EncodeTable {
+  std::vector<uint8_t> lo, hi;
+  std::vector<uint32_t> thresh;
+};
+
+template <typename T>
+EncodeTable build_table(const FpParams& p) {
+  EncodeTable t;
+  t.lo.resize(65536);
+  t.hi.resize(65536);
+  t.thresh.resize(65536);
+  at::parallel_for(0, 65536, 4096, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const FpSplit s = fp_split(value16<T>(static_cast<uint16_t>(b)), p);
+      t.lo[b] = static_cast<uint8_t>(s.lo);
+      t.hi[b] = static_cast<uint8_t>(s.hi);
+      t.thresh[b] = s.thresh;
+    }
+  });
+  return t;
+}
+
+template <typename T, bool kStochastic>
+at::Tensor fp_encode16_table(const T* x, uint8_t* out, int64_t n, const FpParams& p, RngKeys keys,
+                             uint64_t offset) {
+  const EncodeTable t = build_table<T>(p);
+  const uint8_t* lo = t.lo.data();
+  const uint8_t* hi = t.hi.data();
+  const uint32_t* th = t.thresh.data();
+  const int bits = p.bits;
+  const std::vector<int64_t> hist = parallel_hist(n, [&](int64_t begin, int64_t end, uint32_t* h) {
+    uint8_t* o = out + begin / 8 * bits;
+    constexpr int kBlock = 1024;  // hash a block at a time (vectorised), then look up
+    uint32_t rbuf[kBlock];
+    for (int64_t g = begin; g < end; g += 8) {
+      const int cnt = static_cast<int>(std::min<int64_t>(8, end - g));
+      uint32_t codes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      const int64_t in_block = (g - begin) % kBlock;
+      if (kStochastic && in_block == 0)
+        hash_r24_block(keys, offset + static_cast<uint64_t>(g),
+                       static_cast<int>(std::min<int64_t>(kBlock, end - g)), rbuf);
+      for (int j = 0; j < cnt; ++j) {
+        const uint16_t b = raw16(x[g + j]);
+        ++h[b & 0x7FFF];
+        if (kStochastic) {
+          // Branch-free select: r24 is random, so a branch would mispredict half the time.
+          const uint32_t up = 0u - static_cast<uint32_t>(rbuf[in_block + j] < th[b]);
+          codes[j] = lo[b] ^ ((lo[b] ^ hi[b]) & up);
+        } else {
+          codes[j] = lo[b];
+        }
+      }
+      const uint64_t w = pack8(codes, bits);
+      const int nb = cnt == 8 ? bits : static_cast<int>((cnt * bits + 7) / 8);
+      std::memcpy(o, &w, nb);
+      o += nb;
+    }
+  });
+  return stats_from_hist<T>(hist);
+}
+
+template <typename T>
+at::Tensor stats16(const T* x, int64_t n) {
+  const std::vector<int64_t> hist = parallel_hist(n, [&](int64_t begin, int64_t end, uint32_t* h) {
+    for (int64_t i = begin; i < end; ++i) ++h[raw16(x[i]) & 0x7FFF];
+  });
+  return stats_from_hist<T>(hist);
+}
+
 std::tuple<at::Tensor, at::Tensor> fp_encode_cpu(const at::Tensor& x_in, int64_t exp_bits,
                                                  int64_t man_bits, int64_t bias,
                                                  bool subnormals, int64_t scale_exp,
@@ -165,11 +315,25 @@ std::tuple<at::Tensor, at::Tensor> fp_encode_cpu(const at::Tensor& x_in, int64_t
   const at::Tensor x = x_in.contiguous();
   const int64_t n = x.numel();
   at::Tensor out = at::empty({packed_bytes(n, p.bits)}, x.options().dtype(at::kByte));
-  std::vector<LocalStats> parts((n + kChunk - 1) / kChunk);
   const RngKeys keys = rng_keys(static_cast<uint32_t>(seed));
   uint8_t* o = out.data_ptr<uint8_t>();
   const uint64_t off = static_cast<uint64_t>(offset);
-  switch (x.scalar_type()) {
+  const auto st = x.scalar_type();
+  if (st != at::kFloat && n >= kTableMinNumel) {
+    at::Tensor stats;
+    if (st == at::kBFloat16) {
+      const auto* px = x.data_ptr<c10::BFloat16>();
+      stats = p.stochastic ? fp_encode16_table<c10::BFloat16, true>(px, o, n, p, keys, off)
+                           : fp_encode16_table<c10::BFloat16, false>(px, o, n, p, keys, off);
+    } else {
+      const auto* px = x.data_ptr<c10::Half>();
+      stats = p.stochastic ? fp_encode16_table<c10::Half, true>(px, o, n, p, keys, off)
+                           : fp_encode16_table<c10::Half, false>(px, o, n, p, keys, off);
+    }
+    return {out, stats};
+  }
+  std::vector<LocalStats> parts((n + kChunk - 1) / kChunk);
+  switch (st) {
     case at::kFloat:
       fp_encode_chunks(x.data_ptr<float>(), o, n, p, keys, off, parts);
       break;
@@ -179,6 +343,10 @@ std::tuple<at::Tensor, at::Tensor> fp_encode_cpu(const at::Tensor& x_in, int64_t
     default:
       fp_encode_chunks(x.data_ptr<c10::Half>(), o, n, p, keys, off, parts);
   }
+  // Small 16-bit inputs (cache-resident) take their statistics from the histogram too, so
+  // fp_encode and moment_stats return the same float64 bits for the same tensor at every size.
+  if (st == at::kBFloat16) return {out, stats16(x.data_ptr<c10::BFloat16>(), n)};
+  if (st == at::kHalf) return {out, stats16(x.data_ptr<c10::Half>(), n)};
   return {out, merge_stats(parts)};
 }
 
@@ -304,6 +472,8 @@ at::Tensor moment_stats_cpu(const at::Tensor& x_in) {
   check_float_input(x_in, "gradwire::moment_stats");
   const at::Tensor x = x_in.contiguous();
   const int64_t n = x.numel();
+  if (x.scalar_type() == at::kBFloat16) return stats16(x.data_ptr<c10::BFloat16>(), n);
+  if (x.scalar_type() == at::kHalf) return stats16(x.data_ptr<c10::Half>(), n);
   const int64_t nchunks = (n + kChunk - 1) / kChunk;
   std::vector<LocalStats> parts(nchunks);
   const double* tab = log2_table().t;

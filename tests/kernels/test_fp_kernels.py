@@ -152,3 +152,20 @@ def test_malformed_input_refused():
         torch.ops.gradwire.fp_encode(torch.zeros(4, dtype=torch.float64), 4, 3, 7, True, 0, False, 0, 0)
     with pytest.raises(RuntimeError, match="fp format"):
         torch.ops.gradwire.fp_encode(torch.zeros(4), 4, 4, 7, True, 0, False, 0, 0)
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+def test_table_path_for_16bit_inputs_bit_exact(dtype):
+    # n >= 2**18: the C++ kernel tabulates the decision per 16-bit pattern and takes the
+    # statistics from a histogram; both must still give the oracle's bytes and exact counts.
+    n = 2**18 + 13
+    x = lognormal_sample(n, seed=11, dtype=dtype)
+    for fmt, s in ((FPFormat(4, 1), 9), (FPFormat(3, 0, subnormals=False), -4)):
+        for rounding in Rounding:
+            packed, stats = ops.fp_encode(x, fmt, rounding, scale_exp=s, seed=5, offset=2**32 - 100)
+            assert torch.equal(packed, _oracle(x, fmt, rounding, s, 5, 2**32 - 100)), (fmt.name, rounding)
+    ref = lognormal.moment_stats(x)
+    torch.testing.assert_close(stats[[0, 3, 4]], ref[[0, 3, 4]], rtol=0, atol=0)
+    b1, b2 = _stats_bound(x)
+    assert abs(float(stats[1] - ref[1])) <= b1 and abs(float(stats[2] - ref[2])) <= b2
+    torch.testing.assert_close(ops.moment_stats(x), stats, rtol=0, atol=0)
