@@ -125,6 +125,11 @@ def summary_table(rep: dict[str, Any], baseline: dict[str, Any] | None = None) -
         f"{'uncompressed MB/step':<28}{w['raw_bytes'] / max(1, rep['steps']) / 1e6:.4f}",
         f"{'compression ratio':<28}{w['compression_ratio']:.2f}x",
     ]
+    dp = rep.get("data_parallel")
+    if dp and dp.get("bytes_sent"):
+        lines.append(f"{'data-parallel all-reduce':<28}{dp['codec']} x{dp['size']}: "
+                     f"{dp['bytes_sent'] / max(1, rep['steps']) / 1e6:.4f} MB/step, "
+                     f"{dp['raw_bytes'] / dp['bytes_sent']:.2f}x")
     for b, d in w["per_boundary"].items():
         lines.append(f"  boundary {b:<17}{d['format']:<16} sigma(log2|g|) {d['mean_sigma_log2']:.2f}  "
                      f"{d['raw_bytes'] / max(1, d['sent_bytes']):.2f}x")

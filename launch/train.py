@@ -155,7 +155,10 @@ def run_deepspeed(args, ds_config, gw, gpt_cfg, tokens, world):
                                  model_parameters=[p for p in net.parameters() if p.requires_grad])
     rank = dist.get_rank()
     micro, gas = batch_sizes(ds_config)
-    data = TokenStream(tokens, gpt_cfg.seq_len, micro, seed=args.seed + 1)
+    # Stages of one pipeline read the same stream (stage 0 the inputs, the last the labels);
+    # data-parallel replicas read different ones.
+    dp_id = engine.grid.data_parallel_id
+    data = TokenStream(tokens, gpt_cfg.seq_len, micro, seed=args.seed + 1 + 1000 * dp_id)
     losses, bar = [], progress(args, rank, args.steps)
     t0 = time.perf_counter()
     # Rank 0 is stage 0: it sees boundary 0 from the receiving side (bytes received per step).
@@ -173,14 +176,22 @@ def run_deepspeed(args, ds_config, gw, gpt_cfg, tokens, world):
     # Gather every rank's telemetry and channel counters to rank 0.
     mine = {"rows": engine.gradwire_rows(), "stage": engine.stage_id,
             "impl": [_impl(p.codec) for p in engine.gradwire_policies()],
-            "sent": engine.gradwire_bytes_sent, "received": engine.gradwire_bytes_received}
+            "sent": engine.gradwire_bytes_sent, "received": engine.gradwire_bytes_received,
+            "dp": engine.gradwire_dp_bytes,
+            # replicas of a stage must hold identical weights after compressed DP all-reduces
+            "checksum": float(sum(p.detach().double().sum() for p in engine.module.parameters()))}
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, mine)
     rows = [r for e in every for r in e["rows"]]
     info = {"stages": stages, "mode": "deepspeed-pipeline", "ranks": dist.get_world_size(),
             "bytes_sent_by_rank": [e["sent"] for e in every],
             "bytes_received_by_rank": [e["received"] for e in every],
-            "codec_impl": sorted({i for e in every for i in e["impl"]})}
+            "codec_impl": sorted({i for e in every for i in e["impl"]}),
+            "param_checksum_by_rank": [(e["stage"], e["checksum"]) for e in every],
+            "data_parallel": {"size": engine.grid.data_parallel_size,
+                              "codec": gw.data_parallel.label if gw.data_parallel else "none",
+                              "bytes_sent": sum(e["dp"]["sent"] for e in every),
+                              "raw_bytes": sum(e["dp"]["raw"] for e in every)}}
     dist.barrier()
     return losses, rows, info, rank
 
@@ -189,6 +200,7 @@ def _section(gw):
     """The validated section back as JSON (so initialize validates the same thing)."""
     d = {"enabled": gw.enabled, "seed": gw.seed, "refresh_every": gw.refresh_every,
          "warmup_steps": gw.warmup_steps,
+         "data_parallel": gw.data_parallel.to_dict() if gw.data_parallel else None,
          "codec": gw.codec.to_dict(), "boundaries": {str(b): s.to_dict() for b, s in gw.boundaries}}
     return d
 
@@ -202,9 +214,6 @@ def main(argv=None) -> int:
         depth_layers = args.depth + 2
         stages = args.stages or (world if world > 1 else 2)
         check_topology(world, stages, depth_layers)
-        if world > 1 and stages != world:
-            raise ConfigError(f"--stages {stages} with {world} ranks: this job runs one stage per "
-                              f"rank (no data parallelism); use --stages {world} or launch {stages} ranks")
         gw.check_boundaries(stages)
         if world > 1 and stages > 2 and any(gw.codec_for(b).heterogeneous for b in range(stages - 1)):
             raise ConfigError("gradwire.codec.heterogeneous: allocating sparsity across boundaries "

@@ -121,6 +121,12 @@ class GradwirePipelineEngine(_PipelineEngine):
         if not self.is_last_stage():
             b = self.stage_id
             self._gw_recv = (make_policy(cfg, b), self.grid.stage_to_global(self.next_stage))
+        # Data-parallel gradient all-reduce: DeepSpeed's own bucketing, each bucket reduced by
+        # comm.compressed_all_reduce (two-phase, DESIGN.md) instead of dist.all_reduce.
+        dp = cfg.data_parallel
+        self._gw_dp_codec = None if dp is None or dp.name == "none" else codec_from_spec(dp)
+        self._gw_dp_calls = 0
+        self.gradwire_dp_bytes = {"sent": 0, "raw": 0}
 
     def _gw_handshake(self, policy, peer):
         # Both ends swap codec fingerprints before the first packet (comm.handshake): a rank
@@ -234,6 +240,31 @@ class GradwirePipelineEngine(_PipelineEngine):
             _ds_schedule.RecvGrad: _exec_recv_grads,
         }
 
+    def allreduce_bucket(self, bucket, dp_group, dp_world_size=None):
+        import torch.distributed as dist
+
+        if self._gw_dp_codec is None or dist.get_world_size(group=dp_group) == 1:
+            return super().allreduce_bucket(bucket, dp_group, dp_world_size)
+        from gradwire.comm.collectives import compressed_all_reduce
+        from gradwire.numerics.rng import derive_seed
+
+        tensor = self.flatten(bucket)
+        if dp_world_size is None:
+            dp_world_size = dist.get_world_size(group=dp_group)
+        # Same seed on every replica (global_steps and the call count agree); the collective
+        # derives per-rank, per-chunk seeds from it.
+        seed = derive_seed(self.gradwire_config.seed, 0x0D, self.global_steps, self._gw_dp_calls)
+        self._gw_dp_calls += 1
+        trace: dict = {}
+        summed = compressed_all_reduce(tensor.float(), self._gw_dp_codec, group=dp_group, seed=seed,
+                                       trace=trace)
+        self.gradwire_dp_bytes["sent"] += int(trace.get("bytes_sent", 0))
+        self.gradwire_dp_bytes["raw"] += int(trace.get("raw_bytes", 0))
+        if self.gradient_average:
+            summed = summed / dp_world_size
+        tensor.copy_(summed)
+        return tensor
+
     def gradwire_rows(self) -> list[dict]:
         """This rank's wire telemetry rows (gather them across ranks for a report)."""
         from dataclasses import asdict
@@ -266,9 +297,11 @@ def initialize(*, model, config: Mapping[str, Any] | str, **kwargs):
         raise TypeError("gradwire.integrations.deepspeed.initialize compresses pipeline boundaries: "
                         f"model must be a deepspeed.pipe.PipelineModule, got {type(model).__name__}")
     if gw.data_parallel is not None and gw.data_parallel.name != "none":
-        raise ConfigError("gradwire.data_parallel: compressing DeepSpeed's data-parallel all-reduce "
-                          "is not implemented yet; remove the key (or use gradwire.integrations.ddp "
-                          "for DDP jobs)")
+        zero = ds_config.get("zero_optimization", {}).get("stage", 0)
+        if zero or ds_config.get("bf16", {}).get("enabled", False):
+            raise ConfigError("gradwire.data_parallel compresses DeepSpeed's plain data-parallel "
+                              "all-reduce; it does not apply with ZeRO or the bf16 optimizer "
+                              "(remove gradwire.data_parallel or those settings)")
     engine_cls = type("GradwirePipelineEngine", (GradwirePipelineEngine,), {"gradwire_config": gw})
     # deepspeed.initialize picks the engine class through its module-global PipelineEngine.
     with _patched(deepspeed, "PipelineEngine", engine_cls):

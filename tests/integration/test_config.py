@@ -117,3 +117,11 @@ def test_shipped_configs_are_valid_and_round_trip():
         assert "gradwire" not in ds and "train_micro_batch_size_per_gpu" in ds
         # to_dict() of each spec parses back to the same spec
         assert parse_codec(gw.codec.to_dict()) == gw.codec
+
+
+def test_data_parallel_section_accepts_dense_codecs_only():
+    assert parse_gradwire({"data_parallel": {"name": "fp", "bits": 8}}).data_parallel == CodecSpec(name="fp", bits=8)
+    with pytest.raises(ConfigError, match=r"gradwire.data_parallel: only 'none', 'bf16' and 'fp'"):
+        parse_gradwire({"data_parallel": {"name": "nm", "n": 1, "m": 2}})
+    with pytest.raises(ConfigError, match=r"gradwire.data_parallel .*unknown key 'bit'"):
+        parse_gradwire({"data_parallel": {"name": "fp", "bit": 8}})

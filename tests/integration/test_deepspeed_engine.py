@@ -39,3 +39,15 @@ def test_codec_from_spec_round_trips_every_shipped_codec_kind():
         assert y.shape == x.shape and y.dtype == x.dtype
     ident = codec_from_spec(parse_gradwire({"codec": {"name": "none"}}).codec)
     assert torch.equal(ident.decode(ident.encode(x)), x)
+
+
+def test_initialize_rejects_data_parallel_compression_with_zero():
+    from deepspeed.pipe import PipelineModule  # noqa: F401  (only the type is checked first)
+
+    class Fake(PipelineModule):
+        def __init__(self):  # no process group needed: initialize fails before using it
+            torch.nn.Module.__init__(self)
+
+    with pytest.raises(ConfigError, match="does not apply with ZeRO"):
+        initialize(model=Fake(), config={"zero_optimization": {"stage": 1},
+                                         "gradwire": {"data_parallel": {"name": "fp", "bits": 8}}})
