@@ -80,7 +80,10 @@ def _collective_cases(rank, world):
     x = _data(5, rank, 64, torch.float32)
     if rank == 1:
         x[3], x[40] = float("inf"), float("nan")
-    nonfinite = [compressed_all_reduce(x, c, seed=1) for c in _codecs()]
+    from gradwire.codec.registry import build_codec  # production codecs too
+
+    real = [build_codec({"name": n}) for n in ("bf16", "fp8_e4m3")]
+    nonfinite = [compressed_all_reduce(x, c, seed=1) for c in _codecs() + real]
     # bad input
     errs = []
     for bad in (torch.ones(4, dtype=torch.int32),):
