@@ -158,6 +158,9 @@ def _finite_nonzero_sample(x: torch.Tensor, max_samples: int, seed: int) -> np.n
     """Finite nonzero values of x as float64 numpy; a deterministic subsample (with
     replacement, counter-based hash indices) when there are more than ``max_samples``."""
     _check_float_tensor(x)
+    # max_samples < 2 would fit a normal to one point (or none): a meaningless distance.
+    if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 2:
+        raise ValueError(f"max_samples must be an int >= 2, got {max_samples!r}")
     v = x.detach().reshape(-1).to(torch.float64)
     v = v[torch.isfinite(v) & (v != 0)].cpu()
     if v.numel() < 2:

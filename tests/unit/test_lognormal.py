@@ -14,11 +14,10 @@ import numpy as np
 import pytest
 import torch
 from scipy import integrate, stats
-from scipy.optimize import brentq
-from scipy.special import ndtr, ndtri
+from scipy.special import ndtri
 
 from gradwire.numerics import lognormal as ln
-from gradwire.numerics import lognormal_fit
+from gradwire.numerics import lognormal_fit, pruning
 from gradwire.numerics.rng import uniform
 
 LN2 = math.log(2.0)
@@ -216,6 +215,18 @@ def test_ks_subsampling_is_deterministic_and_representative():
     assert ln.ks_distance_lognormal(x, max_samples=20_000, seed=1) != d1  # the seed matters
 
 
+def test_ks_rejects_too_few_samples():
+    # max_samples 1 used to return 0.0 (a normal fitted to a single point) and 0 an obscure
+    # numpy error; both are meaningless requests.
+    x = torch.exp(_randn(100, 13))
+    for bad in (0, 1, 2.5, True):
+        with pytest.raises(ValueError, match="max_samples"):
+            ln.ks_distance_normal(x, max_samples=bad)
+        with pytest.raises(ValueError, match="max_samples"):
+            ln.ks_distance_lognormal(x, max_samples=bad)
+    assert 0 < ln.ks_distance_lognormal(x, max_samples=2) <= 1
+
+
 # --------------------------------------------------------------------------- Eq. (4)
 
 
@@ -313,50 +324,64 @@ def test_pruning_threshold_achieves_sparsity_monte_carlo():
     assert worst < 0.005
 
 
+def _fit_sd(fit: ln.LognormalFit, alpha: float, nnz: float) -> float:
+    """Standard deviation of the expected sparsity among the nonzeros at a threshold computed from
+    a fit of the same ``nnz`` samples: the sample's empirical distribution differs from the model
+    (SD <= 0.5/sqrt(nnz)), and the fitted (mu, sigma) carry se(mu) = sigma/sqrt(nnz),
+    se(sigma) = sigma/sqrt(2 nnz), propagated through Eq. (8) by central differences."""
+    h = 1e-4
+    mu, sg = fit.mu_ln, fit.sigma_ln
+    d_mu = (ln.pruning_sparsity(alpha, mu + h, sg) - ln.pruning_sparsity(alpha, mu - h, sg)) / (2 * h)
+    d_sg = (ln.pruning_sparsity(alpha, mu, sg + h) - ln.pruning_sparsity(alpha, mu, sg - h)) / (2 * h)
+    return math.sqrt(0.25 / nnz + (d_mu * sg) ** 2 / nnz + (d_sg * sg) ** 2 / (2 * nnz))
+
+
 def test_pruning_threshold_for_handles_zero_fraction():
     n = 400_000
     x = torch.exp(-3.0 + 1.5 * _randn(n, 31))
     x[: int(0.3 * n)] = 0.0
     fit = ln.fit_lognormal(x)
+    z = fit.zero_fraction
     eps = uniform(99, torch.arange(n)).double()
     for s in (0.5, 0.8):
         alpha = ln.pruning_threshold_for(fit, s)
-        assert alpha == ln.pruning_threshold((s - fit.zero_fraction) / (1 - fit.zero_fraction), fit.mu_ln, fit.sigma_ln)
+        assert alpha == ln.pruning_threshold((s - z) / (1 - z), fit.mu_ln, fit.sigma_ln)
         achieved = (x.abs() < alpha * eps).double().mean().item()  # zeros always count
-        # 6 SE of the pruning draw plus 6 SE of the fitted (mu, sigma) effect (small here).
-        assert abs(achieved - s) < 6 * math.sqrt(s * (1 - s) / n) + 0.002
+        # 6 SD of: the pruning draw (Bernoulli, <= s(1-s)/n) and, scaled by the nonzero
+        # fraction, the fit/sampling error of the expectation (_fit_sd). z is exact here.
+        sd = math.sqrt(s * (1 - s) / n + ((1 - z) * _fit_sd(fit, alpha, n * (1 - z))) ** 2)
+        assert abs(achieved - s) < 6 * sd, (s, achieved, sd)
     assert ln.pruning_threshold_for(fit, 0.3) == 0.0 and ln.pruning_threshold_for(fit, 0.1) == 0.0
 
 
-def _normal_threshold(sparsity: float, std: float) -> float:
-    """ATP-style threshold (Ye et al. 2019): Eq. (6) for g ~ N(0, std^2):
-    S(a) = P(|g| < a) - E[|g|/a ; |g| < a] = (2 Phi(a/s) - 1) - s sqrt(2/pi) (1 - e^{-a^2/2s^2}) / a."""
-    def s_of(a):
-        return (2 * ndtr(a / std) - 1) - std * math.sqrt(2 / math.pi) * (-math.expm1(-a * a / (2 * std * std))) / a
-    return brentq(lambda a: s_of(a) - sparsity, 1e-12 * std, 1e6 * std, xtol=1e-300, rtol=1e-14)
-
-
 def test_normal_assumption_misses_target_sparsity():
-    n = 400_000
-    eps = uniform(5, torch.arange(n)).double()
-    # The baseline is right for normal data (so its miss on lognormal data is the model's fault).
-    gn = _randn(n, 40).abs()
-    for s in (0.5, 0.9):
-        a = _normal_threshold(s, 1.0)
-        assert abs((gn < a * eps).double().mean().item() - s) < 6 * math.sqrt(s * (1 - s) / n)
-    # Measured misses (achieved - target): sigma_ln 1: +15 pts at S=0.5, +8 at 0.7, +2.4 at 0.9;
-    # sigma_ln 2-3 (sigma_log2 2.9-4.3, the paper's range): +8.5 to +49 pts for S in 0.5-0.9.
-    cases = {1.0: (0.5, 0.7), 2.0: (0.5, 0.8, 0.9), 3.0: (0.5, 0.8, 0.9)}
-    for sigma, targets in cases.items():
-        g = torch.exp(sigma * _randn(n, 41))
-        std = math.sqrt((g * g).mean().item())  # ATP fits N(0, std^2) to the signed values
-        for s in targets:
-            a_norm = _normal_threshold(s, std)
-            achieved_norm = (g < a_norm * eps).double().mean().item()
-            a_logn = ln.pruning_threshold(s, 0.0, sigma)
-            achieved_logn = (g < a_logn * eps).double().mean().item()
-            assert abs(achieved_logn - s) < 0.005
-            assert achieved_norm - s > 0.05, (sigma, s, achieved_norm)  # it over-prunes
+    """The ATP baseline shipped in gradwire.numerics.pruning (Gaussian threshold, paper 001
+    Fig. 5) against Eq. (8), on the same 10^6 lognormal samples and pruning draws, over the
+    paper's range of gradient spread (sigma_ln 2-3, i.e. sigma_log2 2.9-4.3) and sparsities.
+    Measured misses (achieved - target) of the baseline: sigma_ln 2: +27.3, +8.0, +2.9 points at
+    S = 0.5, 0.8, 0.9; sigma_ln 3: +40.3, +14.6, +6.5 (it over-prunes). Honest limits, not
+    asserted: for sigma_ln <= 1 or S = 0.99 the baseline can be within ~1 point (measured -2.1 to
+    +7.2 points at sigma_ln 1, < 1 point at S = 0.99). The baseline is correct on normal data
+    (tests/unit/test_pruning.py::test_normal_threshold_monte_carlo_on_gaussian_data), so its miss
+    here is the model's fault. Sampling noise of a miss is ~0.1 point (SE 3e-4 of the pruning
+    draw, 0.7% relative SE of E|g| in the baseline's sigma), far below the 2-point margin."""
+    n = 1_000_000
+    z = _randn(n, 30)
+    eps = uniform(1234, torch.arange(n)).double()
+    misses_norm, misses_logn = [], []
+    for sigma in (2.0, 3.0):
+        g = torch.exp(-10.0 + sigma * z)
+        for s in (0.5, 0.8, 0.9):
+            a_norm = pruning.normal_threshold(g.float(), s)
+            a_logn = ln.pruning_threshold(s, -10.0, sigma)
+            misses_norm.append((g < a_norm * eps).double().mean().item() - s)
+            misses_logn.append((g < a_logn * eps).double().mean().item() - s)
+    assert max(abs(m) for m in misses_logn) < 0.005  # Eq. (8): within the brief's 0.5 point
+    # The baseline misses every case by more than 2 points (4x the tolerance Eq. 8 meets), and
+    # by > 15 points on average: "much more" than Eq. (8)'s worst miss, by > 20x.
+    assert min(misses_norm) > 0.02, misses_norm
+    assert sum(misses_norm) / len(misses_norm) > 0.15, misses_norm
+    assert min(misses_norm) > 20 * max(abs(m) for m in misses_logn), (misses_norm, misses_logn)
 
 
 def test_pruning_sparsity_stable_and_monotone_over_grid():
@@ -506,3 +531,53 @@ def test_allocate_sparsity_single_layer_and_limits():
     sp = ln.allocate_sparsity([_fit(0.5), _fit(1.5)], [1000, 1000], 0.8, upper_quantile=None)
     c = [ln.pruning_cosine(ln.pruning_threshold_for(f, s), f.mu_ln, f.sigma_ln) for f, s in zip([_fit(0.5), _fit(1.5)], sp)]
     assert abs(_weighted(sp, [1000, 1000]) - 0.8) < 1e-9 and abs(c[0] - c[1]) < 1e-6
+
+
+def test_allocation_monte_carlo_budget_and_worst_cosine():
+    """End to end on simulated layers: fit each tensor, allocate, prune with the real operator
+    (pruning.prune_to_sparsity at each layer's allocated sparsity). The element-weighted zero
+    fraction meets the budget; the worst layer's measured cosine is far better than with one
+    uniform sparsity. Measured (budget 0.8 / 0.9): allocated sparsities [0.20, 0.77, 0.97] /
+    [0.51, 0.91, 0.99]; measured cosines [0.98, 0.98, 0.99] / [0.86, 0.87, 0.94] against
+    uniform [0.57, 0.97, 1.00] / [0.40, 0.89, 1.00]. Honest limit, not asserted: the heavy-tailed
+    layer (sigma_ln 2.5) measures a higher cosine than the model (0.94 vs 0.86 at 0.9): the
+    default truncation at quantile 1 - 1/m under-counts a finite sample's E[g^2], so the
+    allocation is conservative for such layers; a single tensor's cosine is too noisy for
+    sigma_ln >= 1.5 (E[g^4]/E[g^2]^2 = e^{4 sigma^2}) to pin the model more tightly here."""
+    specs = [(50_000, -12.0, 0.7, 0.0), (100_000, -9.0, 1.5, 0.3), (200_000, -14.0, 2.5, 0.1)]
+    xs = []
+    for i, (n, mu, sigma, zf) in enumerate(specs):
+        gen = torch.Generator().manual_seed(60 + i)
+        mag = torch.exp(mu + sigma * torch.randn(n, generator=gen, dtype=torch.float64))
+        x = (mag * torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0).double()).float()
+        x[torch.rand(n, generator=gen) < zf] = 0.0
+        xs.append(x)
+    fits = [ln.fit_lognormal(x) for x in xs]
+    numels = [x.numel() for x in xs]
+    total = sum(numels)
+
+    def cosine(x, out):
+        xd, od = x.double(), out.double()
+        return (xd @ od / (xd.norm() * od.norm())).item()
+
+    for budget in (0.8, 0.9):
+        sp = ln.allocate_sparsity(fits, numels, budget)
+        zeros, expected, var_draw, var_model, cos_alloc, cos_unif = 0, 0.0, 0.0, 0.0, [], []
+        for i, (x, f, s) in enumerate(zip(xs, fits, sp)):
+            out, a = pruning.prune_to_sparsity(x, s, seed=10 + i, fit=f)
+            zeros += (out == 0).sum().item()
+            # Exact conditional expectation/variance of the zero count given the data and alpha.
+            ax = x.double().abs()
+            p = torch.where(ax == 0, 1.0, torch.where(ax <= a, 1.0 - ax / a, 0.0))
+            expected += p.sum().item()
+            var_draw += (p * (1 - p)).sum().item()
+            nnz = x.numel() * (1 - f.zero_fraction)
+            var_model += (nnz * _fit_sd(f, a, nnz)) ** 2
+            cos_alloc.append(cosine(x, out))
+            cos_unif.append(cosine(x, pruning.prune_to_sparsity(x, budget, seed=10 + i, fit=f)[0]))
+        # The pruning draw around its exact expectation: 6 SD of a sum of Bernoullis.
+        assert abs(zeros - expected) <= 6 * math.sqrt(var_draw) + 1
+        # The expectation around the budget: 6 SD of the per-layer fit/sampling errors.
+        assert abs(expected / total - budget) <= 6 * math.sqrt(var_model) / total, (budget, expected / total)
+        # Worst layer: > 0.3 better than uniform (measured 0.41 and 0.45; noise ~0.01).
+        assert min(cos_alloc) > min(cos_unif) + 0.3, (budget, cos_alloc, cos_unif)

@@ -241,3 +241,20 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="finite"):
         pruning.topk_threshold(torch.tensor([float("nan")]), 0.5)
     assert pruning.normal_threshold(torch.zeros(8), 0.5) == 0.0
+
+
+def test_prune_to_sparsity_all_zero_and_non_finite():
+    # All zeros: already fully sparse, so alpha = 0 and the tensor comes back unchanged.
+    z = torch.zeros(3, 5, dtype=torch.bfloat16)
+    out, a = pruning.prune_to_sparsity(z, 0.9, seed=1)
+    assert a == 0.0 and torch.equal(out, z) and out.dtype == torch.bfloat16
+    # Zeros and non-finite only: the zeros already meet a low target; a higher one cannot be
+    # met (no finite nonzero to fit), which is a clear error rather than a silent no-op.
+    x = torch.tensor([0.0, 0.0, float("nan"), float("inf")])
+    out, a = pruning.prune_to_sparsity(x, 0.5)
+    assert a == 0.0 and torch.equal(out[:2], x[:2]) and out[2].isnan() and out[3].item() == math.inf
+    with pytest.raises(ValueError, match="usable"):
+        pruning.prune_to_sparsity(x, 0.75)
+    # Integer input: TypeError like every other entry point.
+    with pytest.raises(TypeError):
+        pruning.prune_to_sparsity(torch.zeros(4, dtype=torch.int64), 0.5)
