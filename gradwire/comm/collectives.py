@@ -122,10 +122,13 @@ def _decode_sum(codec: Codec, packets: Sequence[torch.Tensor], shape, device) ->
 
 
 def compressed_all_reduce(tensor: torch.Tensor, codec: Codec, *, group=None, seed: int = 0,
-                          fit: Any = None, align: int = 1, check_config: bool = True,
+                          fit: Any = None, align: int | None = None, check_config: bool = True,
                           trace: dict | None = None) -> torch.Tensor:
     """Sum ``tensor`` over the ranks of ``group`` with compressed packets (two-phase, above).
 
+    ``align``: chunk lengths are multiples of it (default: the codec's block size ``m`` for N:M
+    codecs, else 1); the flat tensor is zero-padded to a multiple of it (zeros add nothing to
+    the sum and are dropped from the result).
     Returns a new tensor of ``tensor``'s shape and dtype, bit-identical on every rank. ``trace``,
     if given, receives ``phase1_recv`` / ``phase2_recv`` (the packets this rank decoded),
     ``bytes_sent`` and ``raw_bytes`` (what a plain ring all-reduce would send per rank:
@@ -135,7 +138,14 @@ def compressed_all_reduce(tensor: torch.Tensor, codec: Codec, *, group=None, see
     p, me = dist.get_world_size(group), dist.get_rank(group)
     if check_config:
         _ensure_checked(codec, group, tensor.device)
+    if align is None:
+        align = int(getattr(codec, "m", 1)) if codec.name == "nm" else 1
+    if isinstance(align, bool) or not isinstance(align, int) or align < 1:
+        raise ValueError(f"align must be an int >= 1, got {align!r}")
+    n = tensor.numel()
     flat = tensor.detach().reshape(-1)
+    if n % align:
+        flat = torch.cat([flat, flat.new_zeros(align - n % align)])
     bounds = chunk_bounds(flat.numel(), p, align)
     shapes = [(b - a,) for a, b in bounds]
     clock = [time.perf_counter()]  # phase timings for the trace (encode / exchange / decode)
@@ -150,15 +160,15 @@ def compressed_all_reduce(tensor: torch.Tensor, codec: Codec, *, group=None, see
     got2 = all_gather_bytes(pk2, group, sizes_known=_expected(codec, shapes, tensor.dtype))
     clock.append(time.perf_counter())
     parts = [codec.decode(pk, dtype=tensor.dtype) if pk.numel() else flat.new_empty(0) for pk in got2]
-    result = torch.cat([q.reshape(-1) for q in parts]).reshape(tensor.shape)
+    result = torch.cat([q.reshape(-1) for q in parts])[:n].reshape(tensor.shape)
     clock.append(time.perf_counter())
     if trace is not None:
         d = [b - a for a, b in zip(clock, clock[1:])]
         trace.update(seconds_codec=d[0] + d[2] + d[4], seconds_exchange=d[1] + d[3])
-        trace.update(phase1_recv=got1, phase2_recv=got2,
+        trace.update(phase1_recv=got1, phase2_recv=got2, phase1_sent_sizes=[t.numel() for t in out1],
                      bytes_sent=_sent([t.numel() for t in out1], me) + (p - 1) * pk2.numel()
                      + _size_bytes(codec, p, phases=2),
-                     raw_bytes=2 * (p - 1) * math.ceil(flat.numel() / p) * tensor.element_size())
+                     raw_bytes=2 * (p - 1) * math.ceil(n / p) * tensor.element_size())
     return result
 
 
