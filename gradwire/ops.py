@@ -18,6 +18,8 @@ Ops (schemas in ``SCHEMAS``):
   fp_decode(packed, numel, exp_bits, man_bits, bias, subnormals, scale_exp, dtype) -> dtype[numel]
   moment_stats(x) -> f64[5]     (n_finite_nonzero, sum log2|x|, sum log2^2|x|, n_zero, n_nonfinite)
   rng_u32(seed, index i64) -> i64   numerics.rng.random_u32; exposes the C++ port for tests
+  stochastic_prune(x, alpha, seed, offset) -> like x   numerics.pruning.stochastic_prune, with
+                                alpha already effective (rounded to x.dtype; <= 0: identity)
 
 References: numerics.fp (encode_codes/decode_codes), numerics.lognormal.moment_stats,
 numerics.rng, and the LSB-first packing of docs/architecture.md (here; codec.bitpack sits above
@@ -41,7 +43,7 @@ if __name__ == "__main__":  # `python -m gradwire.ops`: report from the real mod
     raise SystemExit(0)
 
 from gradwire import _build
-from gradwire.numerics import lognormal, rng
+from gradwire.numerics import lognormal, pruning, rng
 from gradwire.numerics.fp import FPFormat, Rounding, decode_codes, encode_codes
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -56,6 +58,7 @@ SCHEMAS = {
     "bool subnormals, int scale_exp, ScalarType dtype) -> Tensor",
     "moment_stats": "moment_stats(Tensor x) -> Tensor",
     "rng_u32": "rng_u32(int seed, Tensor index) -> Tensor",
+    "stochastic_prune": "stochastic_prune(Tensor x, float alpha, int seed, int offset) -> Tensor",
 }
 
 _lib = torch.library.Library("gradwire", "DEF")
@@ -108,6 +111,10 @@ def _moment_stats_ref(x: torch.Tensor) -> torch.Tensor:
     return lognormal.moment_stats(x).to(x.device)
 
 
+def _stochastic_prune_ref(x, alpha, seed, offset):
+    return pruning.stochastic_prune(x, alpha, seed=seed, offset=offset)
+
+
 def _rng_u32_ref(seed: int, index: torch.Tensor) -> torch.Tensor:
     return rng.random_u32(seed, index.contiguous())
 
@@ -119,6 +126,7 @@ REFERENCES = {
     "fp_decode": _fp_decode_ref,
     "moment_stats": _moment_stats_ref,
     "rng_u32": _rng_u32_ref,
+    "stochastic_prune": _stochastic_prune_ref,
 }
 for _name, _fn in REFERENCES.items():
     _lib.impl(_name, _fn, "CompositeExplicitAutograd")
@@ -149,6 +157,11 @@ def _(packed, numel, exp_bits, man_bits, bias, subnormals, scale_exp, dtype):
 @torch.library.register_fake("gradwire::moment_stats")
 def _(x):
     return x.new_empty(STATS_LEN, dtype=torch.float64)
+
+
+@torch.library.register_fake("gradwire::stochastic_prune")
+def _(x, alpha, seed, offset):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("gradwire::rng_u32")
@@ -262,6 +275,23 @@ def moment_stats(x: torch.Tensor) -> torch.Tensor:
     return torch.ops.gradwire.moment_stats(x.contiguous())
 
 
+def stochastic_prune(x: torch.Tensor, alpha, *, seed: int = 0, offset: int = 0) -> torch.Tensor:
+    """``numerics.pruning.stochastic_prune`` (paper 001, Eq. 5), same bits, on the fastest kernel.
+
+    ``alpha`` is rounded to ``x.dtype`` first (``pruning.effective_alpha``); <= 0 is identity.
+    Returns a new contiguous tensor of x's shape and dtype.
+    """
+    if not isinstance(x, torch.Tensor) or x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"stochastic_prune: x must be a float32/bfloat16/float16 tensor, got "
+                        f"{getattr(x, 'dtype', type(x).__name__)}")
+    a = pruning.effective_alpha(alpha, x.dtype)
+    rng.check_seed(seed)
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"stochastic_prune: offset must be an int >= 0, got {offset!r}")
+    _native()
+    return torch.ops.gradwire.stochastic_prune(x.contiguous(), a, seed, offset)
+
+
 def implementation(op: str, device: str = "cpu") -> str:
     """Which kernel serves ``gradwire::<op>`` for tensors on ``device``: 'native' or 'reference'."""
     key = {"cpu": "CPU", "cuda": "CUDA"}[device]
@@ -285,5 +315,5 @@ def status() -> str:
 
 __all__ = [
     "SCHEMAS", "REFERENCES", "pack_bits", "unpack_bits", "fp_encode", "fp_decode",
-    "moment_stats", "implementation", "status",
+    "moment_stats", "stochastic_prune", "implementation", "status",
 ]

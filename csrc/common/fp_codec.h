@@ -151,6 +151,18 @@ GW_HD float fp_code_value(uint32_t code, int man_bits, int emin, int bits, int s
   return (code & nonfinite) ? -v : v;
 }
 
+// Stochastic pruning of one element, numerics/pruning.py::stochastic_prune (paper 001, Eq. 5):
+// |x| > a, Inf and NaN pass through; otherwise x becomes copysign(a, x) when
+// |x| >= a * eps (one float32 multiply, eps = uniform01(seed, index)) and |x| > 0, else +0.
+// `a` is the effective threshold (alpha rounded to x's dtype), > 0.
+GW_HD float prune_one(float x, float a, RngKeys keys, uint64_t index) {
+  const float ax = f32_from_bits(f32_bits(x) & 0x7FFFFFFFu);
+  if (!(ax <= a)) return x;
+  const float t = a * uniform01(keys, index);
+  if (ax >= t && ax > 0.0f) return f32_from_bits(f32_bits(a) | (f32_bits(x) & 0x80000000u));
+  return 0.0f;
+}
+
 // Pack 8 codes of `bits` bits LSB-first into the low 8*bits bits of a word (architecture.md).
 GW_HD uint64_t pack8(const uint32_t* codes, int bits) {
   uint64_t w = 0;

@@ -491,6 +491,36 @@ at::Tensor moment_stats_cpu(const at::Tensor& x_in) {
   return merge_stats(parts);
 }
 
+template <typename T>
+void prune_range(const T* x, T* y, int64_t begin, int64_t end, float a, RngKeys keys,
+                 uint64_t offset) {
+  for (int64_t i = begin; i < end; ++i)
+    y[i] = static_cast<T>(prune_one(to_f32(x[i]), a, keys, offset + static_cast<uint64_t>(i)));
+}
+
+// The result is x, +-a or 0, all exact in T (a was rounded to T by the caller), so the cast
+// back to T is exact.
+at::Tensor stochastic_prune_cpu(const at::Tensor& x_in, double alpha, int64_t seed, int64_t offset) {
+  check_float_input(x_in, "gradwire::stochastic_prune");
+  TORCH_CHECK(seed >= 0 && seed <= 0xFFFFFFFFll, "seed must be in [0, 2**32)");
+  TORCH_CHECK(offset >= 0, "offset must be >= 0");
+  TORCH_CHECK(std::isfinite(alpha), "gradwire::stochastic_prune: alpha must be finite");
+  const at::Tensor x = x_in.contiguous();
+  if (alpha <= 0.0) return x.clone();
+  const float a = static_cast<float>(alpha);
+  at::Tensor y = at::empty_like(x);
+  const RngKeys keys = rng_keys(static_cast<uint32_t>(seed));
+  const uint64_t off = static_cast<uint64_t>(offset);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "prune", [&] {
+    const scalar_t* px = x.data_ptr<scalar_t>();
+    scalar_t* py = y.data_ptr<scalar_t>();
+    at::parallel_for(0, x.numel(), kChunk, [&](int64_t b, int64_t e) {
+      prune_range(px, py, b, e, a, keys, off);
+    });
+  });
+  return y;
+}
+
 at::Tensor rng_u32_cpu(int64_t seed, const at::Tensor& index_in) {
   TORCH_CHECK(seed >= 0 && seed <= 0xFFFFFFFFll, "seed must be in [0, 2**32)");
   TORCH_CHECK(index_in.scalar_type() == at::kLong, "gradwire::rng_u32: index must be int64");
@@ -514,4 +544,5 @@ TORCH_LIBRARY_IMPL(gradwire, CPU, m) {
   m.impl("unpack_bits", &gradwire::unpack_bits_cpu);
   m.impl("moment_stats", &gradwire::moment_stats_cpu);
   m.impl("rng_u32", &gradwire::rng_u32_cpu);
+  m.impl("stochastic_prune", &gradwire::stochastic_prune_cpu);
 }

@@ -153,6 +153,22 @@ at::Tensor moment_stats_cuda(const at::Tensor& x_in) {
   return stats;
 }
 
+at::Tensor stochastic_prune_cuda(const at::Tensor& x_in, double alpha, int64_t seed, int64_t offset) {
+  const int dt = dtype_code(x_in, "gradwire::stochastic_prune");
+  TORCH_CHECK(seed >= 0 && seed <= 0xFFFFFFFFll, "seed must be in [0, 2**32)");
+  TORCH_CHECK(offset >= 0, "offset must be >= 0");
+  TORCH_CHECK(std::isfinite(alpha), "gradwire::stochastic_prune: alpha must be finite");
+  c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  if (alpha <= 0.0) return x.clone();
+  at::Tensor y = at::empty_like(x);
+  check_cuda(gw_stochastic_prune(x.data_ptr(), dt, x.numel(), static_cast<float>(alpha),
+                                 static_cast<uint32_t>(seed), static_cast<uint64_t>(offset),
+                                 y.data_ptr(), c10::cuda::getCurrentCUDAStream().stream()),
+             "gradwire::stochastic_prune");
+  return y;
+}
+
 at::Tensor rng_u32_cuda(int64_t seed, const at::Tensor& index_in) {
   TORCH_CHECK(seed >= 0 && seed <= 0xFFFFFFFFll, "seed must be in [0, 2**32)");
   TORCH_CHECK(index_in.is_cuda() && index_in.scalar_type() == at::kLong,
@@ -175,4 +191,5 @@ TORCH_LIBRARY_IMPL(gradwire, CUDA, m) {
   m.impl("unpack_bits", &unpack_bits_cuda);
   m.impl("moment_stats", &moment_stats_cuda);
   m.impl("rng_u32", &rng_u32_cuda);
+  m.impl("stochastic_prune", &stochastic_prune_cuda);
 }

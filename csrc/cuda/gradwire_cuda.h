@@ -35,6 +35,11 @@ int gw_pack_bits(const uint8_t* codes, int64_t n, int bits, uint8_t* out, int* b
 int gw_moment_stats(const void* x, int dtype, int64_t n, double* scratch, double* stats,
                     void* stream);
 
+// Stochastic pruning (numerics.pruning.stochastic_prune) with effective threshold a > 0;
+// y has x's dtype and size.
+int gw_stochastic_prune(const void* x, int dtype, int64_t n, float a, uint32_t seed,
+                        uint64_t offset, void* y, void* stream);
+
 // random_u32 of numerics.rng for each int64 counter (test binding of csrc/common/rng.h).
 int gw_rng_u32(uint32_t seed, const int64_t* index, int64_t n, int64_t* out, void* stream);
 

@@ -186,6 +186,18 @@ __global__ void pack_bits_kernel(const uint8_t* codes, int64_t n, int bits, uint
   }
 }
 
+__global__ void prune_kernel(const void* x, int dtype, int64_t n, float a, RngKeys keys,
+                             uint64_t offset, void* y) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float v = prune_one(load_f32(x, dtype, i), a, keys, offset + static_cast<uint64_t>(i));
+    // v is x, +-a or 0: exact in the input dtype, so truncating the float32 bits is exact.
+    if (dtype == GW_F32) static_cast<float*>(y)[i] = v;
+    else if (dtype == GW_BF16) static_cast<uint16_t*>(y)[i] = static_cast<uint16_t>(f32_bits(v) >> 16);
+    else static_cast<uint16_t*>(y)[i] = __half_as_ushort(__float2half_rn(v));
+  }
+}
+
 __global__ void rng_kernel(RngKeys k, const int64_t* index, int64_t n, int64_t* out) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
@@ -247,6 +259,14 @@ int gw_pack_bits(const uint8_t* codes, int64_t n, int bits, uint8_t* out, int* b
   if (n == 0) return 0;
   pack_bits_kernel<<<static_cast<unsigned>(blocks_for((n + 7) / 8)), kThreads, 0,
                      static_cast<cudaStream_t>(stream)>>>(codes, n, bits, out, bad);
+  return static_cast<int>(cudaGetLastError());
+}
+
+int gw_stochastic_prune(const void* x, int dtype, int64_t n, float a, uint32_t seed,
+                        uint64_t offset, void* y, void* stream) {
+  if (n == 0) return 0;
+  prune_kernel<<<static_cast<unsigned>(blocks_for(n)), kThreads, 0,
+                 static_cast<cudaStream_t>(stream)>>>(x, dtype, n, a, rng_keys(seed), offset, y);
   return static_cast<int>(cudaGetLastError());
 }
 
