@@ -35,6 +35,9 @@ def capture_neural_gradients(
     ``layer_names`` picks modules by their ``named_modules()`` name; by default every Linear and
     Conv layer. Captured tensors are detached float copies on the model's device. Each step's
     loss is appended to ``losses`` when a list is given. Hooks are removed on exit, also on error.
+    A module called k times in one forward (shared weights) contributes k tensors per step, in
+    the order backward reaches them (reverse call order); a layer whose output does not require
+    grad contributes none.
     """
     modules = dict(model.named_modules())
     if layer_names is None:

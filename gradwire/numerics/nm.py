@@ -108,6 +108,14 @@ def _as_blocks(x: torch.Tensor, m: int, dim: int) -> torch.Tensor:
     return xm.reshape(*xm.shape[:-1], xm.shape[-1] // m, m)
 
 
+def _random_blocks_of(x: torch.Tensor, m: int, dim: int, seed: int, offset: int) -> torch.Tensor:
+    """``_as_blocks`` plus the checks every randomised scheme needs (seed, offset >= 0)."""
+    xb = _as_blocks(x, m, dim)
+    rng.check_seed(seed)
+    _check_int("offset", offset, 0)
+    return xb
+
+
 def _counters(blocks: torch.Tensor, offset: int) -> torch.Tensor:
     n_blocks = blocks.numel() // blocks.shape[-1]
     return torch.arange(offset, offset + n_blocks, dtype=torch.int64, device=blocks.device)
@@ -201,9 +209,7 @@ def _dense(select, x, m, dim, **kw):
 # ---------------------------------------------------------------------------------------------
 def mvue_12_select(x: torch.Tensor, *, dim: int = -1, seed: int = 0, offset: int = 0):
     """MVUE 1:2 compact form ``(values [..., nb, 1] float32, indices [..., nb, 1] uint8)``."""
-    xb = _as_blocks(x, 2, dim)
-    rng.check_seed(seed)
-    _check_int("offset", offset, 0)
+    xb = _random_blocks_of(x, 2, dim, seed, offset)
     a = xb.abs()
     s = a[..., 0] + a[..., 1]
     u = rng.uniform(seed, _counters(xb, offset)).reshape(s.shape)
@@ -222,9 +228,7 @@ def mvue_12(x: torch.Tensor, *, dim: int = -1, seed: int = 0, offset: int = 0) -
 # ---------------------------------------------------------------------------------------------
 def mvue_24_exact_select(x: torch.Tensor, *, dim: int = -1, seed: int = 0, offset: int = 0):
     """Exact MVUE 2:4 compact form ``(values [..., nb, 2], indices [..., nb, 2])``."""
-    xb = _as_blocks(x, 4, dim)
-    rng.check_seed(seed)
-    _check_int("offset", offset, 0)
+    xb = _random_blocks_of(x, 4, dim, seed, offset)
     a = xb.abs()
     c = _running(a)
     s = c[..., 3]
@@ -279,9 +283,7 @@ def _approx_weights(a: torch.Tensor) -> torch.Tensor:
 
 def mvue_24_approx_select(x: torch.Tensor, *, dim: int = -1, seed: int = 0, offset: int = 0):
     """Approx MVUE 2:4 (Eq. 25) compact form ``(values [..., nb, 2], indices [..., nb, 2])``."""
-    xb = _as_blocks(x, 4, dim)
-    rng.check_seed(seed)
-    _check_int("offset", offset, 0)
+    xb = _random_blocks_of(x, 4, dim, seed, offset)
     a = xb.abs()
     c = _running(a)
     s = c[..., 3]

@@ -10,6 +10,10 @@ import torch
 from gradwire.numerics import rng
 from gradwire.numerics.fp import FPFormat, Rounding, decode_codes, encode_codes, quantize
 
+# One intra-op thread (tests/conftest.py): on the shared 2-core CI box, 2 threads made the
+# 200k-element quantize calls ~17x slower.
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 ALL_FORMATS = [
     FPFormat(e, bits - 1 - e, subnormals=sub)
     for bits in range(2, 9)

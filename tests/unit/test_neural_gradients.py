@@ -96,3 +96,25 @@ def test_capture_removes_hooks_on_error_and_is_deterministic(single_thread):
     assert a.losses == b.losses
     with pytest.raises(ValueError):
         capture.digits_mlp_gradients(steps=0)
+
+
+def test_capture_of_a_shared_layer_follows_backward_order():
+    # Documented: a module called twice per forward contributes two tensors per step, in the
+    # order backward reaches them (the second call's output first).
+    torch.manual_seed(1)
+    lin = nn.Linear(4, 4)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, x):
+            return self.lin(torch.relu(self.lin(x)))
+
+    model, x, y = Twice(), torch.randn(3, 4), torch.tensor([0, 3, 1])
+    got = capture.capture_neural_gradients(model, [(x, y)], nn.functional.cross_entropy)
+    h1 = lin(x)
+    h2 = lin(torch.relu(h1))
+    g1, g2 = torch.autograd.grad(nn.functional.cross_entropy(h2, y), [h1, h2])
+    assert len(got["lin"]) == 2 and torch.equal(got["lin"][0], g2) and torch.equal(got["lin"][1], g1)

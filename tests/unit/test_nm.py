@@ -17,6 +17,10 @@ import torch
 
 from gradwire.numerics import nm, rng
 
+# One intra-op thread (tests/conftest.py): on the shared 2-core CI box, 2 threads made the
+# 200k-element quantize calls ~17x slower.
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 F32 = np.float32
 ADVERSARIAL = [
     [1, 1, 1, 10], [0, 0, 0, 5], [1, 0, 0, 0], [3, 3, 3, 3], [1, 2, 3, 100],

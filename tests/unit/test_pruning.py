@@ -16,6 +16,10 @@ import torch
 
 from gradwire.numerics import lognormal, pruning, rng
 
+# One intra-op thread (tests/conftest.py): on the shared 2-core CI box, 2 threads made the
+# 200k-element quantize calls ~17x slower.
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 F32 = np.float32
 
 
