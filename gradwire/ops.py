@@ -20,6 +20,9 @@ Ops (schemas in ``SCHEMAS``):
   rng_u32(seed, index i64) -> i64   numerics.rng.random_u32; exposes the C++ port for tests
   stochastic_prune(x, alpha, seed, offset) -> like x   numerics.pruning.stochastic_prune, with
                                 alpha already effective (rounded to x.dtype; <= 0: identity)
+  nm_select(x, scheme, seed, offset) -> (values f32[nb, N], indices u8[nb, N])
+                                numerics.nm.<scheme>_select on consecutive blocks of x's flat
+                                order (the wrapper moves the block dim last); NM_SCHEMES
 
 References: numerics.fp (encode_codes/decode_codes), numerics.lognormal.moment_stats,
 numerics.rng, and the LSB-first packing of docs/architecture.md (here; codec.bitpack sits above
@@ -43,7 +46,7 @@ if __name__ == "__main__":  # `python -m gradwire.ops`: report from the real mod
     raise SystemExit(0)
 
 from gradwire import _build
-from gradwire.numerics import lognormal, pruning, rng
+from gradwire.numerics import lognormal, nm, pruning, rng
 from gradwire.numerics.fp import FPFormat, Rounding, decode_codes, encode_codes
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -59,7 +62,10 @@ SCHEMAS = {
     "moment_stats": "moment_stats(Tensor x) -> Tensor",
     "rng_u32": "rng_u32(int seed, Tensor index) -> Tensor",
     "stochastic_prune": "stochastic_prune(Tensor x, float alpha, int seed, int offset) -> Tensor",
+    "nm_select": "nm_select(Tensor x, int scheme, int seed, int offset) -> (Tensor, Tensor)",
 }
+NM_SCHEMES = {"mvue_12": 0, "mvue_24_exact": 1, "mvue_24_approx": 2}  # nm_select's `scheme`
+_NM_MN = {0: (2, 1), 1: (4, 2), 2: (4, 2)}  # scheme -> (M, N)
 
 _lib = torch.library.Library("gradwire", "DEF")
 for _schema in SCHEMAS.values():
@@ -115,6 +121,13 @@ def _stochastic_prune_ref(x, alpha, seed, offset):
     return pruning.stochastic_prune(x, alpha, seed=seed, offset=offset)
 
 
+def _nm_select_ref(x, scheme, seed, offset):
+    m, n = _NM_MN[scheme]
+    fn = {0: nm.mvue_12_select, 1: nm.mvue_24_exact_select, 2: nm.mvue_24_approx_select}[scheme]
+    values, indices = fn(x.reshape(-1, m), dim=-1, seed=seed, offset=offset)
+    return values.reshape(-1, n).clone(), indices.reshape(-1, n).clone()
+
+
 def _rng_u32_ref(seed: int, index: torch.Tensor) -> torch.Tensor:
     return rng.random_u32(seed, index.contiguous())
 
@@ -127,6 +140,7 @@ REFERENCES = {
     "moment_stats": _moment_stats_ref,
     "rng_u32": _rng_u32_ref,
     "stochastic_prune": _stochastic_prune_ref,
+    "nm_select": _nm_select_ref,
 }
 for _name, _fn in REFERENCES.items():
     _lib.impl(_name, _fn, "CompositeExplicitAutograd")
@@ -162,6 +176,13 @@ def _(x):
 @torch.library.register_fake("gradwire::stochastic_prune")
 def _(x, alpha, seed, offset):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("gradwire::nm_select")
+def _(x, scheme, seed, offset):
+    m, n = _NM_MN[scheme]
+    nb = x.numel() // m
+    return x.new_empty((nb, n), dtype=torch.float32), x.new_empty((nb, n), dtype=torch.uint8)
 
 
 @torch.library.register_fake("gradwire::rng_u32")
@@ -292,6 +313,36 @@ def stochastic_prune(x: torch.Tensor, alpha, *, seed: int = 0, offset: int = 0) 
     return torch.ops.gradwire.stochastic_prune(x.contiguous(), a, seed, offset)
 
 
+def nm_select(x: torch.Tensor, scheme: str, *, dim: int = -1, seed: int = 0,
+              offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``numerics.nm.<scheme>_select`` (scheme in ``NM_SCHEMES``), same bits, fastest kernel:
+    ``(values float32 [..., nb, N], indices uint8 [..., nb, N])`` with ``dim`` moved last.
+
+    ValueError when ``x.shape[dim]`` is not a multiple of M (2 or 4), TypeError for dtypes
+    other than float32/bfloat16/float16.
+    """
+    if scheme not in NM_SCHEMES:
+        raise ValueError(f"nm_select: scheme must be one of {sorted(NM_SCHEMES)}, got {scheme!r}")
+    code = NM_SCHEMES[scheme]
+    m, n = _NM_MN[code]
+    if not isinstance(x, torch.Tensor) or x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"nm_select: x must be a float32/bfloat16/float16 tensor, got "
+                        f"{getattr(x, 'dtype', type(x).__name__)}")
+    if x.dim() == 0 or isinstance(dim, bool) or not -x.dim() <= dim < x.dim():
+        raise ValueError(f"nm_select: dim={dim!r} is out of range for a {x.dim()}-d tensor")
+    if x.shape[dim] % m:
+        raise ValueError(f"nm_select: N:M blocks of M={m} need x.shape[dim] divisible by {m}, "
+                         f"got shape {tuple(x.shape)}, dim={dim}")
+    rng.check_seed(seed)
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"nm_select: offset must be an int >= 0, got {offset!r}")
+    xm = x.movedim(dim, -1).contiguous()
+    _native()
+    values, indices = torch.ops.gradwire.nm_select(xm, code, seed, offset)
+    lead = tuple(xm.shape[:-1]) + (xm.shape[-1] // m, n)
+    return values.reshape(lead), indices.reshape(lead)
+
+
 def implementation(op: str, device: str = "cpu") -> str:
     """Which kernel serves ``gradwire::<op>`` for tensors on ``device``: 'native' or 'reference'."""
     key = {"cpu": "CPU", "cuda": "CUDA"}[device]
@@ -315,5 +366,5 @@ def status() -> str:
 
 __all__ = [
     "SCHEMAS", "REFERENCES", "pack_bits", "unpack_bits", "fp_encode", "fp_decode",
-    "moment_stats", "stochastic_prune", "implementation", "status",
+    "moment_stats", "stochastic_prune", "nm_select", "NM_SCHEMES", "implementation", "status",
 ]

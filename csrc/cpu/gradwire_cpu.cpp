@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "../common/fp_codec.h"
+#include "../common/nm.h"
 
 namespace gradwire {
 namespace {
@@ -521,6 +522,34 @@ at::Tensor stochastic_prune_cpu(const at::Tensor& x_in, double alpha, int64_t se
   return y;
 }
 
+// MVUE N:M compact form of x, whose last dim holds consecutive blocks of M (the wrapper moves
+// the block dim last): values float32 [nb, N], indices uint8 [nb, N], block counter offset + b.
+std::tuple<at::Tensor, at::Tensor> nm_select_cpu(const at::Tensor& x_in, int64_t scheme,
+                                                 int64_t seed, int64_t offset) {
+  check_float_input(x_in, "gradwire::nm_select");
+  TORCH_CHECK(scheme >= 0 && scheme <= 2, "gradwire::nm_select: scheme must be 0 (1:2), 1 (2:4 exact) or 2 (2:4 approx)");
+  TORCH_CHECK(seed >= 0 && seed <= 0xFFFFFFFFll, "seed must be in [0, 2**32)");
+  TORCH_CHECK(offset >= 0, "offset must be >= 0");
+  const int m = scheme == 0 ? 2 : 4, n = scheme == 0 ? 1 : 2;
+  TORCH_CHECK(x_in.numel() % m == 0, "gradwire::nm_select: numel ", x_in.numel(),
+              " is not a multiple of the block size ", m);
+  const at::Tensor x = x_in.contiguous().to(at::kFloat);
+  const int64_t nb = x.numel() / m;
+  at::Tensor val = at::empty({nb, n}, x.options());
+  at::Tensor idx = at::empty({nb, n}, x.options().dtype(at::kByte));
+  const float* px = x.data_ptr<float>();
+  float* pv = val.data_ptr<float>();
+  uint8_t* pi = idx.data_ptr<uint8_t>();
+  const RngKeys keys = rng_keys(static_cast<uint32_t>(seed));
+  const uint64_t off = static_cast<uint64_t>(offset);
+  const int sch = static_cast<int>(scheme);
+  at::parallel_for(0, nb, 8192, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      nm_block(px + b * m, sch, keys, off + static_cast<uint64_t>(b), pv + b * n, pi + b * n);
+  });
+  return {val, idx};
+}
+
 at::Tensor rng_u32_cpu(int64_t seed, const at::Tensor& index_in) {
   TORCH_CHECK(seed >= 0 && seed <= 0xFFFFFFFFll, "seed must be in [0, 2**32)");
   TORCH_CHECK(index_in.scalar_type() == at::kLong, "gradwire::rng_u32: index must be int64");
@@ -545,4 +574,5 @@ TORCH_LIBRARY_IMPL(gradwire, CPU, m) {
   m.impl("moment_stats", &gradwire::moment_stats_cpu);
   m.impl("rng_u32", &gradwire::rng_u32_cpu);
   m.impl("stochastic_prune", &gradwire::stochastic_prune_cpu);
+  m.impl("nm_select", &gradwire::nm_select_cpu);
 }

@@ -24,6 +24,7 @@ def _samples():
         "moment_stats": [(x,), (x.to(torch.float16),)],
         "rng_u32": [(5, torch.arange(40, dtype=torch.int64))],
         # NaN passes through pruning and opcheck's comparison is not NaN-equal: drop it here.
+        "nm_select": [(xn.reshape(-1)[:36], 0, 3, 1), (xn.reshape(-1)[:36], 1, 0, 0), (xn.reshape(-1)[:36].to(torch.float16), 2, 9, 4)],
         "stochastic_prune": [(xn, 0.5, 3, 7), (xn.to(torch.bfloat16), 0.25, 0, 0), (xn, 0.0, 1, 0)],
     }
 
