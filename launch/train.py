@@ -247,7 +247,10 @@ def main(argv=None) -> int:
     if world > 1:
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend=None if torch.cuda.is_available() else "gloo")
+        # Under mpirun DeepSpeed's MPI discovery sets MASTER_PORT from distributed_port; honour
+        # a MASTER_PORT the user exported (default 29500, DeepSpeed's own).
+        deepspeed.init_distributed(dist_backend=None if torch.cuda.is_available() else "gloo",
+                                   distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
         losses, rows, info, rank = run_deepspeed(args, ds_config, gw, gpt_cfg, tokens, world)
     else:
         losses, rows, info = run_inprocess(args, ds_config, gw, gpt_cfg, tokens)

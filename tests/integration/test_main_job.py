@@ -18,6 +18,15 @@ SMALL = ["--steps", "30", "--depth", "2", "--no-progress"]
 MICRO, GAS, SEQ, WIDTH = 8, 2, 32, 64  # configs/*.json batch settings and train.py defaults
 
 
+def _free_port():
+    # a fresh rendezvous port per launch, so concurrent CI jobs do not collide on 29500
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _env():
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
@@ -68,7 +77,7 @@ def _load(d):
 
 
 def test_single_process_under_deepspeed_launcher(tmp_path):
-    rc, out = _run(["deepspeed", TRAIN, "--config", "configs/fp6.json", "--report-dir", str(tmp_path), *SMALL])
+    rc, out = _run(["deepspeed", "--master_port", str(_free_port()), TRAIN, "--config", "configs/fp6.json", "--report-dir", str(tmp_path), *SMALL])
     assert rc == 0, out[-3000:]
     rep = _load(tmp_path)
     assert rep["mode"] == "in-process" and rep["ranks"] == 1 and rep["stages"] == 2
@@ -78,7 +87,7 @@ def test_single_process_under_deepspeed_launcher(tmp_path):
 
 
 def test_two_pipeline_ranks_deepspeed_num_gpus_2(tmp_path):
-    rc, out = _run(["deepspeed", "--num_gpus", "2", TRAIN, "--config", "configs/fp6.json",
+    rc, out = _run(["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), TRAIN, "--config", "configs/fp6.json",
                     "--report-dir", str(tmp_path), *SMALL])
     assert rc == 0, out[-3000:]
     rep = _load(tmp_path)
@@ -92,7 +101,7 @@ def test_two_pipeline_ranks_deepspeed_num_gpus_2(tmp_path):
 def test_data_parallel_all_reduce_compressed_replicas_stay_identical(tmp_path):
     # 2 ranks, 1 stage: two data-parallel replicas whose gradient all-reduce goes through the
     # FP8 two-phase compressed all-reduce; every replica decodes the same packets.
-    rc, out = _run(["torchrun", "--nproc_per_node", "2", "--master_port", "29517", TRAIN,
+    rc, out = _run(["torchrun", "--nproc_per_node", "2", "--master_port", str(_free_port()), TRAIN,
                     "--config", "configs/fp6-dp-fp8.json", "--stages", "1", "--report-dir", str(tmp_path), *SMALL])
     assert rc == 0, out[-3000:]
     rep = _load(tmp_path)
@@ -109,7 +118,7 @@ def test_data_parallel_all_reduce_compressed_replicas_stay_identical(tmp_path):
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not on PATH")
 def test_mpirun_two_ranks_variable_size_codec(tmp_path):
     # prune80 is variable-size: its packets travel length-first; both ends must agree.
-    rc, out = _run(["mpirun", "-n", "2", sys.executable, TRAIN, "--config", "configs/prune80.json",
+    rc, out = _run(["mpirun", "-n", "2", "-env", "MASTER_PORT", str(_free_port()), sys.executable, TRAIN, "--config", "configs/prune80.json",
                     "--report-dir", str(tmp_path), *SMALL])
     assert rc == 0, out[-3000:]
     rep = _load(tmp_path)
