@@ -129,10 +129,29 @@ def _p2p_cases(rank, world):
     return got
 
 
+UNBIASED_TRIALS = 300
+
+
+def _unbiased_cases(rank, world):
+    """Outputs of the compressed all-reduce over UNBIASED_TRIALS seeds, for the stochastic
+    production codecs (stochastic rounding, stochastic pruning Eq. 5, MVUE 2:4)."""
+    # lognormal-like data for pruning and N:M; Gaussian data for FP (within the format's range:
+    # saturation of outliers at max_value is biased by design, see the report)
+    x = _data(77, rank, 64, torch.float32)
+    xg = torch.randn(64, generator=torch.Generator().manual_seed(500 + rank))
+    out, xs = {}, {}
+    for codec in _real_codecs():
+        xi = xg if codec.name == "fp" else x
+        ys = torch.stack([compressed_all_reduce(xi, codec, seed=s) for s in range(UNBIASED_TRIALS)])
+        out[codec.name], xs[codec.name] = ys.double(), xi.double()
+    return dict(x=xs, ys=out)
+
+
 def _comm_worker(rank, world):
     res = {"coll": _collective_cases(rank, world)}
     if world == 2:
         res["p2p"] = _p2p_cases(rank, world)
+        res["unbiased"] = _unbiased_cases(rank, world)
     return res
 
 
@@ -173,6 +192,26 @@ def test_compressed_collectives(world):
             assert torch.isfinite(y[[0, 1, 2, 5, 63]]).all()
         assert c["errs"] and "floating-point" in c["errs"][0]
     if world == 2:
+        # Unbiasedness of the two-phase all-reduce: each phase is an unbiased encode given its
+        # input (independent seeds per phase), so E[output] = exact sum. Per-element tests with
+        # the sample standard error fail for rare events (an element rounded up with
+        # probability 0.003 shows no variance in 300 trials), so we test projections: for fixed
+        # weight vectors w (all ones, and 4 random +-1 vectors), S_t = sum_i w_i (y_ti - x_i)
+        # has mean 0; its sample mean over T = 300 trials must be within 6 standard errors
+        # (sample std / sqrt(T)); P(|z| > 6) ~ 2e-9 per statistic under the CLT, 15 statistics,
+        # fixed seeds: no flakes.
+        g = torch.Generator().manual_seed(0)
+        ws = [torch.ones(64, dtype=torch.float64)] + \
+            [torch.randint(0, 2, (64,), generator=g).double() * 2 - 1 for _ in range(4)]
+        for name, ys in vals[0]["unbiased"]["ys"].items():
+            assert torch.equal(ys, vals[1]["unbiased"]["ys"][name])  # replicated
+            exact = sum(v["unbiased"]["x"][name] for v in vals)
+            T = ys.shape[0]
+            for w in ws:
+                st = (ys - exact) @ w
+                assert st.std() > 0, name  # the codec is actually stochastic here
+                z = st.mean() / (st.std() / T**0.5)
+                assert abs(z) <= 6, (name, z.item())
         for ci in range(2):
             a, b = vals[0]["p2p"][ci], vals[1]["p2p"][ci]
             for s, r in zip(a["sent"], b["recvd"]):
