@@ -169,6 +169,28 @@ at::Tensor stochastic_prune_cuda(const at::Tensor& x_in, double alpha, int64_t s
   return y;
 }
 
+std::tuple<at::Tensor, at::Tensor> nm_select_cuda(const at::Tensor& x_in, int64_t scheme,
+                                                  int64_t seed, int64_t offset) {
+  const int dt = dtype_code(x_in, "gradwire::nm_select");
+  TORCH_CHECK(scheme >= 0 && scheme <= 2, "gradwire::nm_select: scheme must be 0, 1 or 2");
+  TORCH_CHECK(seed >= 0 && seed <= 0xFFFFFFFFll, "seed must be in [0, 2**32)");
+  TORCH_CHECK(offset >= 0, "offset must be >= 0");
+  const int m = scheme == 0 ? 2 : 4, n = scheme == 0 ? 1 : 2;
+  TORCH_CHECK(x_in.numel() % m == 0, "gradwire::nm_select: numel ", x_in.numel(),
+              " is not a multiple of the block size ", m);
+  c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  const int64_t nb = x.numel() / m;
+  at::Tensor val = at::empty({nb, n}, x.options().dtype(at::kFloat));
+  at::Tensor idx = at::empty({nb, n}, x.options().dtype(at::kByte));
+  check_cuda(gw_nm_select(x.data_ptr(), dt, nb, static_cast<int>(scheme),
+                          static_cast<uint32_t>(seed), static_cast<uint64_t>(offset),
+                          val.data_ptr<float>(), idx.data_ptr<uint8_t>(),
+                          c10::cuda::getCurrentCUDAStream().stream()),
+             "gradwire::nm_select");
+  return {val, idx};
+}
+
 at::Tensor rng_u32_cuda(int64_t seed, const at::Tensor& index_in) {
   TORCH_CHECK(seed >= 0 && seed <= 0xFFFFFFFFll, "seed must be in [0, 2**32)");
   TORCH_CHECK(index_in.is_cuda() && index_in.scalar_type() == at::kLong,
@@ -192,4 +214,5 @@ TORCH_LIBRARY_IMPL(gradwire, CUDA, m) {
   m.impl("moment_stats", &moment_stats_cuda);
   m.impl("rng_u32", &rng_u32_cuda);
   m.impl("stochastic_prune", &stochastic_prune_cuda);
+  m.impl("nm_select", &nm_select_cuda);
 }

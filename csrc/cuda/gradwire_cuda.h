@@ -40,6 +40,11 @@ int gw_moment_stats(const void* x, int dtype, int64_t n, double* scratch, double
 int gw_stochastic_prune(const void* x, int dtype, int64_t n, float a, uint32_t seed,
                         uint64_t offset, void* y, void* stream);
 
+// MVUE N:M compact form (scheme 0: 1:2, 1: 2:4 exact, 2: 2:4 approx) of nb consecutive blocks
+// of x: values float32 [nb, N], indices uint8 [nb, N]; block counter offset + b.
+int gw_nm_select(const void* x, int dtype, int64_t nb, int scheme, uint32_t seed, uint64_t offset,
+                 float* values, uint8_t* indices, void* stream);
+
 // random_u32 of numerics.rng for each int64 counter (test binding of csrc/common/rng.h).
 int gw_rng_u32(uint32_t seed, const int64_t* index, int64_t n, int64_t* out, void* stream);
 

@@ -14,6 +14,7 @@
 #include <stdint.h>
 
 #include "../common/fp_codec.h"
+#include "../common/nm.h"
 #include "gradwire_cuda.h"
 
 namespace {
@@ -198,6 +199,17 @@ __global__ void prune_kernel(const void* x, int dtype, int64_t n, float a, RngKe
   }
 }
 
+__global__ void nm_kernel(const void* x, int dtype, int64_t nb, int scheme, RngKeys keys,
+                          uint64_t offset, float* values, uint8_t* indices) {
+  const int m = scheme == NM_MVUE12 ? 2 : 4, n = scheme == NM_MVUE12 ? 1 : 2;
+  for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; b < nb;
+       b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float v[4];
+    for (int k = 0; k < m; ++k) v[k] = load_f32(x, dtype, b * m + k);
+    nm_block(v, scheme, keys, offset + static_cast<uint64_t>(b), values + b * n, indices + b * n);
+  }
+}
+
 __global__ void rng_kernel(RngKeys k, const int64_t* index, int64_t n, int64_t* out) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
@@ -267,6 +279,15 @@ int gw_stochastic_prune(const void* x, int dtype, int64_t n, float a, uint32_t s
   if (n == 0) return 0;
   prune_kernel<<<static_cast<unsigned>(blocks_for(n)), kThreads, 0,
                  static_cast<cudaStream_t>(stream)>>>(x, dtype, n, a, rng_keys(seed), offset, y);
+  return static_cast<int>(cudaGetLastError());
+}
+
+int gw_nm_select(const void* x, int dtype, int64_t nb, int scheme, uint32_t seed, uint64_t offset,
+                 float* values, uint8_t* indices, void* stream) {
+  if (nb == 0) return 0;
+  nm_kernel<<<static_cast<unsigned>(blocks_for(nb)), kThreads, 0,
+              static_cast<cudaStream_t>(stream)>>>(x, dtype, nb, scheme, rng_keys(seed), offset,
+                                                   values, indices);
   return static_cast<int>(cudaGetLastError());
 }
 

@@ -76,3 +76,19 @@ def test_misaligned_and_noncontiguous_input():
 def test_binding_refuses_wrong_dtype():
     with pytest.raises(RuntimeError, match="CUDA"):
         torch.ops.gradwire.rng_u32(1, torch.arange(4).cuda().to(torch.int32))
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16))
+def test_prune_and_nm_bit_exact(dtype):
+    from gradwire.numerics import nm, pruning
+
+    x = lognormal_sample(4 * 100_003, seed=12, dtype=dtype)
+    for alpha in (2.0**-6, 0.5):
+        got = ops.stochastic_prune(x.cuda(), alpha, seed=3, offset=11)
+        assert bits_equal(got.cpu(), pruning.stochastic_prune(x, alpha, seed=3, offset=11))
+    xb = x.reshape(-1, 4)
+    for scheme, fn in (("mvue_12", nm.mvue_12_select), ("mvue_24_exact", nm.mvue_24_exact_select),
+                       ("mvue_24_approx", nm.mvue_24_approx_select)):
+        v, i = ops.nm_select(xb.cuda(), scheme, seed=5, offset=2**32 - 3)
+        rv, ri = fn(xb, seed=5, offset=2**32 - 3)
+        assert torch.equal(i.cpu(), ri) and bits_equal(v.cpu(), rv), scheme
