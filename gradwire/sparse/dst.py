@@ -38,7 +38,8 @@ from gradwire.sparse.growth import (cosine_prune_fraction, erdos_renyi_topology,
                                     uniform64)
 from gradwire.sparse.sparse_linear import MaskedLinear, SparseLinear, canonical_order
 
-__all__ = ["DSTConfig", "DynamicSparseTrainer", "sparsify", "sparse_layers", "synflow_marginals"]
+__all__ = ["DSTConfig", "DynamicSparseTrainer", "sparsify", "erdos_renyi_linear", "sparse_layers",
+           "synflow_marginals"]
 
 METHODS = ("set", "rigl", "random", "synflow", "grabo")
 
@@ -75,8 +76,9 @@ def sparsify(model: nn.Module, density: float, *, layout: str = "sparse",
     """Replace every ``nn.Linear`` by an Erdos-Renyi sparse layer, in place; returns the model.
 
     Topology: uniform random G(n, M) graph per layer; weights: fan-in-aware normal init; the
-    bias stays dense and keeps its original values (paper 003 Sec. 4.1 keeps biases dense). ``layout="sparse"`` gives SparseLinear, ``"masked"`` MaskedLinear
-    with the *same* connections and values for the same seed.
+    bias stays dense and keeps its original values (paper 003 Sec. 4.1 keeps biases dense).
+    ``layout="sparse"`` gives SparseLinear, ``"masked"`` MaskedLinear with the *same*
+    connections and values for the same seed.
     """
     if layout not in ("sparse", "masked"):
         raise ValueError(f"layout must be 'sparse' or 'masked', got {layout!r}")
@@ -88,19 +90,35 @@ def sparsify(model: nn.Module, density: float, *, layout: str = "sparse",
     dens = layer_densities(shapes, density, distribution)
     for li, ((parent, name, lin), d) in enumerate(zip(targets, dens)):
         out_f, in_f = lin.weight.shape
-        dt = dtype or lin.weight.dtype
-        nnz = max(1, round(d * out_f * in_f))
-        rows, cols = erdos_renyi_topology(out_f, in_f, nnz, rng.derive_seed(seed, li, 0))
-        vals = fan_in_normal_init(rows, out_f, rng.derive_seed(seed, li, 1), dtype=dt)
-        bias = lin.bias.detach().to(dt) if lin.bias is not None else None
-        if layout == "sparse":
-            new = SparseLinear(in_f, out_f, rows, cols, vals, bias)
-        else:
-            w = torch.zeros(out_f, in_f, dtype=dt)
-            w[rows, cols] = vals
-            new = MaskedLinear(w, _mask(out_f, in_f, rows, cols), bias)
-        setattr(parent, name, new)
+        bias = lin.bias.detach() if lin.bias is not None else None
+        setattr(parent, name, erdos_renyi_linear(in_f, out_f, d, layout=layout, seed=seed,
+                                                 layer_index=li, bias=bias,
+                                                 dtype=dtype or lin.weight.dtype))
     return model
+
+
+def erdos_renyi_linear(in_features: int, out_features: int, density: float, *,
+                       layout: str = "sparse", seed: int = 0, layer_index: int = 0,
+                       bias: torch.Tensor | None = None, dtype=torch.float32) -> nn.Module:
+    """One Erdos-Renyi sparse layer built without any dense tensor (for layout="sparse").
+
+    nnz = round(density * in * out) (at least 1) uniformly random connections, fan-in-aware
+    normal weights; ``bias`` is copied (None: no bias). This is what ``sparsify`` uses, and
+    the way to build a layer whose dense weight would not fit in memory.
+    """
+    if layout not in ("sparse", "masked"):
+        raise ValueError(f"layout must be 'sparse' or 'masked', got {layout!r}")
+    nnz = max(1, round(density * out_features * in_features))
+    rows, cols = erdos_renyi_topology(out_features, in_features, nnz,
+                                      rng.derive_seed(seed, layer_index, 0))
+    vals = fan_in_normal_init(rows, out_features, rng.derive_seed(seed, layer_index, 1),
+                              dtype=dtype)
+    bias = bias.to(dtype) if bias is not None else None
+    if layout == "sparse":
+        return SparseLinear(in_features, out_features, rows, cols, vals, bias)
+    w = torch.zeros(out_features, in_features, dtype=dtype)
+    w[rows, cols] = vals
+    return MaskedLinear(w, _mask(out_features, in_features, rows, cols), bias)
 
 
 def _mask(out_f, in_f, rows, cols):

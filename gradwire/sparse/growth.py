@@ -14,6 +14,10 @@ import torch
 
 from gradwire.numerics import rng
 
+# Random draws are generated this many at a time: the hash makes several int64 temporaries
+# per draw, which for 1e7+ draws at once would dominate peak memory.
+_CHUNK = 1 << 20
+
 __all__ = ["uniform64", "sample_units", "sample_pairs", "sample_inactive_subset",
            "erdos_renyi_topology", "fan_in_normal_init", "layer_densities", "cosine_prune_fraction",
            "first_occurrence_unique"]
@@ -25,9 +29,14 @@ def uniform64(seed: int, n: int, offset: int = 0, device=None) -> torch.Tensor:
     24 bits are too coarse for inverse-CDF sampling over 1e5+ units (a unit of probability
     1e-5 would be quantised to multiples of 6e-8); 48 bits make the quantisation negligible.
     """
-    idx = torch.arange(2 * offset, 2 * (offset + n), dtype=torch.int64, device=device)
-    u = (rng.random_u32(seed, idx) >> 8).to(torch.float64).reshape(n, 2)
-    return (u[:, 0] + u[:, 1] * 2.0**-24) * 2.0**-24
+    out = torch.empty(n, dtype=torch.float64, device=device)
+    for s in range(0, n, _CHUNK):  # chunks bound the hash's int64 temporaries
+        k = min(_CHUNK, n - s)
+        idx = torch.arange(2 * (offset + s), 2 * (offset + s + k), dtype=torch.int64,
+                           device=device)
+        u = (rng.random_u32(seed, idx) >> 8).to(torch.float64).reshape(k, 2)
+        out[s:s + k] = (u[:, 0] + u[:, 1] * 2.0**-24) * 2.0**-24
+    return out
 
 
 def sample_units(weights: torch.Tensor, n: int, seed: int, offset: int = 0) -> torch.Tensor:
@@ -86,7 +95,7 @@ def sample_inactive_subset(f: torch.Tensor, g: torch.Tensor, size: int, is_activ
         need = size - chosen.numel()
         if need <= 0:
             break
-        n = max(2 * need, 64)
+        n = min(max(2 * need, 64), 4 * _CHUNK)
         r, c = sample_pairs(f, g, n, seed, offset=drawn)
         drawn += n
         ok = ~is_active(r, c)
@@ -110,10 +119,13 @@ def erdos_renyi_topology(out_features: int, in_features: int, nnz: int,
     drawn = 0
     while chosen.numel() < nnz:
         n = max(int(1.2 * (nnz - chosen.numel())) + 64, 64)
-        idx = torch.arange(2 * drawn, 2 * (drawn + n), dtype=torch.int64)
-        bits = rng.random_u32(seed, idx).reshape(n, 2)
+        lin = torch.empty(n, dtype=torch.int64)
+        for s in range(0, n, _CHUNK):  # chunks bound the hash's int64 temporaries
+            k = min(_CHUNK, n - s)
+            idx = torch.arange(2 * (drawn + s), 2 * (drawn + s + k), dtype=torch.int64)
+            bits = rng.random_u32(seed, idx).reshape(k, 2)
+            lin[s:s + k] = (((bits[:, 0] >> 1) << 32) | bits[:, 1]) % total  # 63 bits, >= 0
         drawn += n
-        lin = (((bits[:, 0] >> 1) << 32) | bits[:, 1]) % total  # 63-bit draw, positive in int64
         chosen = first_occurrence_unique(torch.cat([chosen, lin]))[:nnz]
     return chosen // in_features, chosen % in_features
 
