@@ -1,6 +1,5 @@
 """Fuzzed decoding: truncated, bit-flipped, corrupted, mismatched and forged packets always raise
 PacketError (never another exception, never a silent result); plus the registry."""
-import struct
 
 import pytest
 import torch
