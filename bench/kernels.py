@@ -90,6 +90,12 @@ def main() -> None:
         "pack_bits_6": (lambda: ops.pack_bits(codes, 6), lambda: R["pack_bits"](codes_r, 6)),
         "unpack_bits_6": (lambda: ops.unpack_bits(packed, 6, n), lambda: R["unpack_bits"](packed_r, 6, nr)),
         "moment_stats": (lambda: ops.moment_stats(x), lambda: R["moment_stats"](xr)),
+        "stochastic_prune": (lambda: ops.stochastic_prune(x, 0.01, seed=1),
+                             lambda: R["stochastic_prune"](xr, 0.01, 1, 0)),
+        "nm_mvue_24_exact": (lambda: ops.nm_select(x, "mvue_24_exact", seed=1),
+                             lambda: R["nm_select"](xr, 1, 1, 0)),
+        "nm_mvue_24_approx": (lambda: ops.nm_select(x, "mvue_24_approx", seed=1),
+                              lambda: R["nm_select"](xr, 2, 1, 0)),
     }
     res: dict = {
         "device": dev,

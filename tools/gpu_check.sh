@@ -25,6 +25,10 @@ for n in (1, 7, 8, 9, 4099, 1 << 16):
         c = torch.randint(0, 32, (n,), device="cuda", dtype=torch.uint8)
         ops.unpack_bits(ops.pack_bits(c, 5), 5, n)
         ops.moment_stats(x)
+        ops.stochastic_prune(x, 0.5, seed=2)
+        if n % 4 == 0:
+            for scheme in ops.NM_SCHEMES:
+                ops.nm_select(x, scheme, seed=3)
 torch.cuda.synchronize()
 print("memcheck workload done")
 PY
