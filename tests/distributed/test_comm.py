@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from gradwire.comm import (check_group, ConfigMismatchError, PacketChannel, PeerTimeoutError, chunk_bounds,
+from gradwire.comm import (CommError, check_group, recv_packet, send_packet, ConfigMismatchError, PacketChannel, PeerTimeoutError, chunk_bounds,
                            compressed_all_gather, compressed_all_reduce, compressed_reduce_scatter)
 from gradwire.numerics.rng import derive_seed
 from gradwire.testing.codecs import CastCodec, ThresholdCodec
@@ -126,6 +126,20 @@ def _p2p_cases(rank, world):
         y = rx.recv((37, 1), torch.bfloat16) if rank == 1 else tx.send(torch.ones(37, 1, dtype=torch.bfloat16), 9)
         got.append(dict(sent=sent, recvd=recvd, wire=wire["bytes"], tx_bytes=tx.bytes_sent,
                         rx_bytes=rx.bytes_received, y=y, fixed=codec.fixed_rate))
+    # async fixed-size protocol (isend/irecv + wait), then a length prefix over max_size
+    pk = torch.arange(100, dtype=torch.int64).to(torch.uint8)
+    extra = {}
+    if rank == 0:
+        send_packet(pk, 1, tag=7, async_op=True).wait()
+        send_packet(pk, 1, tag=8, with_length=True)
+    else:
+        extra["async"] = recv_packet(0, out=torch.empty(100, dtype=torch.uint8), tag=7, async_op=True).wait()
+        try:
+            recv_packet(0, tag=8, max_size=10)
+        except CommError as e:
+            extra["too_long"] = str(e)
+        recv_packet(0, out=torch.empty(100, dtype=torch.uint8), tag=8)  # drain the payload
+    got.append(extra)
     return got
 
 
@@ -212,6 +226,9 @@ def test_compressed_collectives(world):
                 assert st.std() > 0, name  # the codec is actually stochastic here
                 z = st.mean() / (st.std() / T**0.5)
                 assert abs(z) <= 6, (name, z.item())
+        extra = vals[1]["p2p"][2]
+        assert torch.equal(extra["async"], torch.arange(100, dtype=torch.int64).to(torch.uint8))
+        assert "100 bytes" in extra["too_long"] and "0..10" in extra["too_long"]
         for ci in range(2):
             a, b = vals[0]["p2p"][ci], vals[1]["p2p"][ci]
             for s, r in zip(a["sent"], b["recvd"]):
