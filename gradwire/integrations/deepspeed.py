@@ -9,12 +9,17 @@ Wire protocol per boundary, per micro-batch (sender = stage b+1, receiver = stag
 gradient tensor DeepSpeed would send, in DeepSpeed's order, a floating-point tensor goes as one
 gradwire packet encoded by the boundary's ``policy.BoundaryPolicy`` at step = micro-batch index
 (``comm.p2p.send_packet``/``recv_packet``: fixed-size codecs into a buffer of the known size,
-variable-size ones length first; a codec-fingerprint handshake before the first packet) and a non-float tensor (the int64 metadata of DeepSpeed's
-partitioned-gradient path, used with tensor parallelism) goes raw, as DeepSpeed sends it. So the
+variable-size ones length first; a codec-fingerprint handshake before the first packet), and a
+non-float tensor (the int64 metadata of DeepSpeed's partitioned-gradient path, used with tensor
+parallelism) goes raw, as DeepSpeed sends it. So the
 partitioned path compresses the local 1/TP slice of the gradient, and the receiver rebuilds
 the full tensor exactly as DeepSpeed does.
 
-Tested on CPU/gloo with 2 pipeline ranks (tests/integration). The partitioned-gradient branch
+Optionally (``"data_parallel"`` in the section) each bucket of DeepSpeed's data-parallel
+gradient all-reduce goes through ``comm.compressed_all_reduce`` (override of
+``allreduce_bucket``; not with ZeRO or the bf16 optimizer, which reduce elsewhere).
+
+Tested on CPU/gloo with 2 pipeline ranks and with 2 data-parallel replicas (tests/integration). The partitioned-gradient branch
 (``is_grad_partitioned``, TP > 1 inside DeepSpeed's own grid) is written but not run in tests.
 """
 from __future__ import annotations
@@ -28,7 +33,7 @@ from gradwire.codec.base import Codec
 from gradwire.config import CodecSpec, ConfigError, GradwireConfig, parse_gradwire
 from gradwire.report import WireLog
 
-__all__ = ["codec_from_spec", "GradwirePipelineEngine", "initialize", "predicted_size"]
+__all__ = ["codec_from_spec", "make_policy", "GradwirePipelineEngine", "initialize"]
 
 
 def codec_from_spec(spec: CodecSpec) -> Codec:
@@ -73,16 +78,6 @@ def _label(policy, step: int) -> str:
         vb = f"+fp{c['value_bits']}" if c.get("value_bits") else ""
         return f"nm{c['n']}:{c['m']}-{c['method']}{vb}"
     return str(name)
-
-
-def predicted_size(codec: Codec, shape, dtype, packet: torch.Tensor) -> int:
-    """The codec's own size for this tensor: ``packed_size`` for fixed-rate codecs; for
-    variable-size ones the packet's length plus the 8-byte length prefix that precedes it."""
-    from gradwire.comm.p2p import LENGTH_BYTES
-
-    if codec.fixed_rate:
-        return codec.packed_size(shape, dtype)
-    return int(packet.numel()) + LENGTH_BYTES
 
 
 try:  # DeepSpeed is optional at import time: the in-process pipeline does not need it.
