@@ -59,6 +59,9 @@ def _eq4(exp_bits: int, man_bits: int, sigma_log2: float, mantissa: Callable[[in
     # Regions by log2 x (mu = 0, i.e. after scaling): normal binades -Emax <= log2 x < Emax
     # (E = floor(log2 x) in [-Emax, Emax-1]), saturation at 2^Emax for log2 x >= Emax, flush to
     # zero below -Emax (relative error 1). Paper 001, Eq. (2)-(4) and App. A.4.
+    # Eq. (2) as printed overlaps at E = +-Emax; NOTES-ON-SEEDS flushes E = -Emax. We keep
+    # E = -Emax normal: then the normal range is the 2^n2 = 2 Emax binades that Eq. (4)'s
+    # 2 Phi(Emax / sigma) - 1 term integrates over (the Monte Carlo test simulates exactly this).
     p_mid = 2.0 * ndtr(k) - 1.0
     p_tail = ndtr(-k)
     # E[2^Emax / x ; x > 2^Emax] = 2^Emax e^{(sigma ln2)^2/2} (1 - Phi(k + sigma ln2)), in logs

@@ -22,7 +22,8 @@ bf16/fp16 result would round a and the operator would no longer be unbiased. For
 this is just ``float32(alpha)``. The effective threshold is what ``prune_to_sparsity`` returns.
 
 Properties (tested by Monte Carlo in tests/unit/test_pruning.py): for |x| <= a,
-P(out = sign(x) a) = |x|/a, so E[out] = x (unbiased) and Var[out] = |x| (a - |x|); the expected
+P(out = sign(x) a) = |x|/a (up to the 2**-24 resolution of eps: E[out] - x is O(a 2**-24)),
+so E[out] = x (unbiased) and Var[out] = |x| (a - |x|); the expected
 number of zeros is sum_i (1 - |x_i|/a) over the nonzero |x_i| <= a (plus the exact zeros).
 Inf/NaN are data (DESIGN.md): they pass through unchanged.
 """
