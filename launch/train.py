@@ -219,6 +219,8 @@ def main(argv=None) -> int:
             raise ConfigError("gradwire.codec.heterogeneous: allocating sparsity across boundaries "
                               "that live on different ranks is not implemented; run it with one "
                               "process (in-process stages) or set \"heterogeneous\": false")
+        if args.data and not os.path.isfile(args.data):
+            raise ConfigError(f"--data {args.data!r} is not a file (pass a UTF-8 text file)")
         if args.baseline and not os.path.exists(args.baseline):
             raise ConfigError(f"--baseline {args.baseline!r} does not exist (pass a report.json)")
         from gradwire.models.gpt import GPTConfig
@@ -235,6 +237,8 @@ def main(argv=None) -> int:
 
         for b in range(stages - 1):
             codec_from_spec(gw.codec_for(b))  # an impossible codec fails here, not mid-step
+        if gw.data_parallel is not None:
+            codec_from_spec(gw.data_parallel)
     except ConfigError as e:
         print(f"train.py: configuration error: {e}", file=sys.stderr)
         return 2

@@ -170,3 +170,25 @@ def test_bad_config_exit_status_from_the_command_line(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2, p.stdout + p.stderr
     assert "unknown key 'refresh_evry'; did you mean 'refresh_every'" in p.stderr
+
+
+def test_text_file_data_in_process(tmp_path, capsys):
+    # --data FILE: character-level training on a text file, one process, tiny settings.
+    sys.path.insert(0, os.path.dirname(TRAIN))
+    import train
+
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 60)
+    out = tmp_path / "r"
+    rc = train.main(["--config", os.path.join(ROOT, "configs", "nm24.json"), "--data", str(text),
+                     "--steps", "4", "--depth", "1", "--width", "16", "--heads", "2", "--seq-len", "16",
+                     "--report-dir", str(out), "--no-progress"])
+    assert rc == 0
+    rep = _load(out)
+    assert rep["data"] == "text:t.txt" and rep["entropy_floor"] is None
+    assert rep["model"]["vocab"] == len(set(text.read_text()))
+    assert rep["wire"]["per_boundary"]["0"]["format"] == "nm2:4-mvue"
+    with pytest.raises(SystemExit):
+        train.main(["--config", os.path.join(ROOT, "configs", "nm24.json"), "--steps", "0"])
+    assert train.main(["--config", os.path.join(ROOT, "configs", "nm24.json"), "--data", str(tmp_path / "none.txt")]) == 2
+    assert "is not a file" in capsys.readouterr().err
