@@ -1,15 +1,11 @@
 """Multi-process tests of gradwire.comm on gloo (2 and 4 ranks), many cases per launch."""
 from __future__ import annotations
 
-import math
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
 
-from gradwire.comm import (CommError, check_group, recv_packet, send_packet, ConfigMismatchError, PacketChannel, PeerTimeoutError, chunk_bounds,
-                           compressed_all_gather, compressed_all_reduce, compressed_reduce_scatter)
+from gradwire.comm import (CommError, PacketChannel, check_group, chunk_bounds, compressed_all_gather,
+                           compressed_all_reduce, compressed_reduce_scatter, recv_packet, send_packet)
 from gradwire.numerics.rng import derive_seed
 from gradwire.testing.codecs import CastCodec, ThresholdCodec
 from gradwire.testing.launch import run_workers, values

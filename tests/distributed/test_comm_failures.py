@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from gradwire.comm import (CommError, ConfigMismatchError, PacketChannel, PeerTimeoutError,
+from gradwire.comm import (CommError, ConfigMismatchError, PacketChannel,
                            compressed_all_reduce, recv_packet, send_packet)
 from gradwire.testing.codecs import CastCodec, ThresholdCodec
 from gradwire.testing.launch import run_workers, values
