@@ -73,14 +73,13 @@ def transposable_mask_greedy(w: torch.Tensor, n: int = 2, m: int = 4) -> torch.T
     row_cnt = torch.zeros(nb, m, dtype=torch.int64)
     col_cnt = torch.zeros(nb, m, dtype=torch.int64)
     mask = torch.zeros(nb, m * m, dtype=torch.bool)
-    ar = torch.arange(nb)
     for step in range(m * m):  # m*m Python steps, each vectorised over all blocks
-        idx = order[:, step]
+        idx = order[:, step:step + 1]
         r, c = idx // m, idx % m
-        ok = (row_cnt[ar, r] < n) & (col_cnt[ar, c] < n)
-        mask[ar, idx] |= ok
-        row_cnt[ar, r] += ok
-        col_cnt[ar, c] += ok
+        ok = (row_cnt.gather(1, r) < n) & (col_cnt.gather(1, c) < n)
+        mask.scatter_(1, idx, ok)  # each entry is visited once: assignment is enough
+        row_cnt.scatter_add_(1, r, ok.long())
+        col_cnt.scatter_add_(1, c, ok.long())
     mask = _complete(a, mask.reshape(nb, m, m), n, m).reshape(nb, m * m)
     return _unblocks(mask, w.shape, m).to(w.device)
 
