@@ -25,6 +25,15 @@ namespace {
 
 constexpr int64_t kChunk = int64_t(1) << 16;
 
+// Store the `nb` packed bytes of one group of 8 codes. While 8 bytes fit before `limit` (the
+// end of the bytes this thread's range owns), store the whole word (one constant-size store
+// instead of a memcpy call): the spilled bytes belong to later groups of the same range, which
+// this thread overwrites next.
+inline void store_group(uint8_t* o, uint64_t w, int nb, const uint8_t* limit) {
+  if (o + 8 <= limit) std::memcpy(o, &w, 8);
+  else std::memcpy(o, &w, static_cast<size_t>(nb));
+}
+
 inline float to_f32(float v) { return v; }
 inline float to_f32(c10::BFloat16 v) { return static_cast<float>(v); }
 inline float to_f32(c10::Half v) { return static_cast<float>(v); }
@@ -148,7 +157,7 @@ void fp_encode_chunks(const T* x, uint8_t* out, int64_t n, const FpParams& p, Rn
         }
         const uint64_t w = pack8(codes, bits);
         const int nb = cnt == 8 ? bits : static_cast<int>((cnt * bits + 7) / 8);
-        std::memcpy(o, &w, nb);  // little-endian host (x86-64, aarch64)
+        store_group(o, w, nb, out + end / 8 * bits);  // little-endian host (x86-64, aarch64)
         o += nb;
       }
       parts[c] = st;
@@ -163,9 +172,18 @@ void fp_encode_chunks(const T* x, uint8_t* out, int64_t n, const FpParams& p, Rn
 __attribute__((target_clones("avx2", "default")))
 #endif
 void hash_r24_block(RngKeys keys, uint64_t first, int count, uint32_t* out) {
-  for (int j = 0; j < count; ++j) {
-    const uint64_t idx = first + static_cast<uint64_t>(j);
-    out[j] = random_u32(keys, idx) >> 8;
+  const uint32_t lo0 = static_cast<uint32_t>(first);
+  const uint32_t hi = static_cast<uint32_t>(first >> 32);
+  if (static_cast<uint64_t>(lo0) + static_cast<uint64_t>(count) <= 0x100000000ull) {
+    // The counter's high word is constant over the block: pure 32-bit lanes, which vectorise
+    // (random_u32 below, with index = hi * 2**32 + lo0 + j, spelled out).
+    for (int j = 0; j < count; ++j) {
+      const uint32_t h = mix32((lo0 + static_cast<uint32_t>(j)) ^ keys.key1);
+      out[j] = mix32(h + hi + keys.key2) >> 8;
+    }
+  } else {
+    for (int j = 0; j < count; ++j)
+      out[j] = random_u32(keys, first + static_cast<uint64_t>(j)) >> 8;
   }
 }
 
@@ -290,7 +308,7 @@ at::Tensor fp_encode16_table(const T* x, uint8_t* out, int64_t n, const FpParams
       }
       const uint64_t w = pack8(codes, bits);
       const int nb = cnt == 8 ? bits : static_cast<int>((cnt * bits + 7) / 8);
-      std::memcpy(o, &w, nb);
+      store_group(o, w, nb, out + end / 8 * bits);
       o += nb;
     }
   });
@@ -354,6 +372,7 @@ std::tuple<at::Tensor, at::Tensor> fp_encode_cpu(const at::Tensor& x_in, int64_t
 template <typename T>
 void fp_decode_chunks(const uint8_t* in, T* y, int64_t n, int bits, const T* table) {
   const int64_t nchunks = (n + kChunk - 1) / kChunk;
+  const uint8_t* in_end = in + (n * bits + 7) / 8;
   const uint64_t mask = (uint64_t(1) << bits) - 1;
   at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
@@ -364,7 +383,8 @@ void fp_decode_chunks(const uint8_t* in, T* y, int64_t n, int bits, const T* tab
         const int cnt = static_cast<int>(std::min<int64_t>(8, end - g));
         const int nb = cnt == 8 ? bits : static_cast<int>((cnt * bits + 7) / 8);
         uint64_t w = 0;
-        std::memcpy(&w, src, nb);
+        if (src + 8 <= in_end) std::memcpy(&w, src, 8);  // extra bytes are masked off below
+        else std::memcpy(&w, src, static_cast<size_t>(nb));
         src += nb;
         for (int j = 0; j < cnt; ++j) y[g + j] = table[(w >> (j * bits)) & mask];
       }
@@ -437,7 +457,7 @@ at::Tensor pack_bits_cpu(const at::Tensor& codes_in, int64_t bits) {
         }
         const uint64_t w = pack8(v, b);
         const int nb = cnt == 8 ? b : (cnt * b + 7) / 8;
-        std::memcpy(dst, &w, nb);
+        store_group(dst, w, nb, o + end / 8 * b);
         dst += nb;
       }
       bad[ch] = (ored >> b) != 0;
