@@ -45,3 +45,34 @@ def test_failed_build_is_recorded_not_raised(monkeypatch):
     _build.load_native()  # must not raise
     ok, why = _build.STATUS["cpu"]
     assert not ok and "failed" in why
+
+
+def test_reference_mode_serves_the_same_bytes():
+    # Under the switch every op runs its pure-PyTorch reference; results equal the native ones.
+    code = (
+        "import torch; from gradwire import ops; from gradwire.numerics.fp import FPFormat\n"
+        "x = torch.linspace(-3, 3, 1001)\n"
+        "p, s = ops.fp_encode(x, FPFormat(4, 1), 'stochastic', seed=4)\n"
+        "v, i = ops.nm_select(x[:1000], 'mvue_24_exact', seed=1)\n"
+        "assert ops.implementation('fp_encode') == 'reference'\n"
+        "torch.save((p, s[[0, 3, 4]], v, i), __import__('sys').argv[1])\n"
+    )
+    import tempfile
+
+    import torch
+
+    from gradwire import ops
+    from gradwire.numerics.fp import FPFormat
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "ref.pt")
+        env = dict(os.environ, PYTHONPATH=ROOT, GRADWIRE_FORCE_REFERENCE="1")
+        res = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True,
+                             env=env, cwd=ROOT, timeout=600)
+        assert res.returncode == 0, res.stderr
+        p_ref, counts_ref, v_ref, i_ref = torch.load(path)
+    x = torch.linspace(-3, 3, 1001)
+    p, s = ops.fp_encode(x, FPFormat(4, 1), "stochastic", seed=4)
+    v, i = ops.nm_select(x[:1000], "mvue_24_exact", seed=1)
+    assert torch.equal(p, p_ref) and torch.equal(s[[0, 3, 4]], counts_ref)
+    assert torch.equal(v, v_ref) and torch.equal(i, i_ref)
