@@ -254,23 +254,18 @@ std::vector<int64_t> parallel_hist(int64_t n, const F& body) {
   return total;
 }
 
-struct EncodeTable {
-  std::vector<uint8_t> lo, hi;
-  std::vector<uint32_t> thresh;
-};
+// One 64-bit entry per 16-bit input pattern: thresh | lo << 32 | hi << 40, so an element
+// costs a single table load.
+using EncodeTable = std::vector<uint64_t>;
 
 template <typename T>
 EncodeTable build_table(const FpParams& p) {
-  EncodeTable t;
-  t.lo.resize(65536);
-  t.hi.resize(65536);
-  t.thresh.resize(65536);
+  EncodeTable t(65536);
   at::parallel_for(0, 65536, 4096, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const FpSplit s = fp_split(value16<T>(static_cast<uint16_t>(b)), p);
-      t.lo[b] = static_cast<uint8_t>(s.lo);
-      t.hi[b] = static_cast<uint8_t>(s.hi);
-      t.thresh[b] = s.thresh;
+      t[b] = static_cast<uint64_t>(s.thresh) | (static_cast<uint64_t>(s.lo & 0xFFu) << 32) |
+             (static_cast<uint64_t>(s.hi & 0xFFu) << 40);
     }
   });
   return t;
@@ -280,9 +275,7 @@ template <typename T, bool kStochastic>
 at::Tensor fp_encode16_table(const T* x, uint8_t* out, int64_t n, const FpParams& p, RngKeys keys,
                              uint64_t offset) {
   const EncodeTable t = build_table<T>(p);
-  const uint8_t* lo = t.lo.data();
-  const uint8_t* hi = t.hi.data();
-  const uint32_t* th = t.thresh.data();
+  const uint64_t* tab = t.data();
   const int bits = p.bits;
   const std::vector<int64_t> hist = parallel_hist(n, [&](int64_t begin, int64_t end, uint32_t* h) {
     uint8_t* o = out + begin / 8 * bits;
@@ -298,12 +291,13 @@ at::Tensor fp_encode16_table(const T* x, uint8_t* out, int64_t n, const FpParams
       for (int j = 0; j < cnt; ++j) {
         const uint16_t b = raw16(x[g + j]);
         ++h[b & 0x7FFF];
+        const uint64_t e = tab[b];
         if (kStochastic) {
           // Branch-free select: r24 is random, so a branch would mispredict half the time.
-          const uint32_t up = 0u - static_cast<uint32_t>(rbuf[in_block + j] < th[b]);
-          codes[j] = lo[b] ^ ((lo[b] ^ hi[b]) & up);
+          const uint32_t up = static_cast<uint32_t>(rbuf[in_block + j] < static_cast<uint32_t>(e));
+          codes[j] = static_cast<uint32_t>(e >> (32 + 8 * up)) & 0xFFu;
         } else {
-          codes[j] = lo[b];
+          codes[j] = static_cast<uint32_t>(e >> 32) & 0xFFu;
         }
       }
       const uint64_t w = pack8(codes, bits);
