@@ -25,14 +25,16 @@ Ops (schemas in ``SCHEMAS``):
                                 order (the wrapper moves the block dim last); NM_SCHEMES
 
 References: numerics.fp (encode_codes/decode_codes), numerics.lognormal.moment_stats,
-numerics.rng, and the LSB-first packing of docs/architecture.md (here; codec.bitpack sits above
-ops and must not be called from them).
+numerics.pruning.stochastic_prune, numerics.nm.*_select, numerics.rng, and the LSB-first
+packing of docs/architecture.md (implemented here: codec.bitpack sits above ops).
 
 Bit-exactness: packed bytes and decoded values are identical in every implementation. In the
 statistics the counts are exact; the float64 sums are not bit-identical: the reference takes
-log2 in float32 (error <= 2**-24 |log2|x|| per element) while the kernels take it to ~1e-12
-(table + series) and sum per-chunk partials in a fixed order (reproducible run to run and for
-any thread count), so they agree within 2**-24 * sum |log2|x|| (tested).
+log2 in float32 (error <= 2**-24 |log2|x|| per element) while the kernels take it in float64
+(C++: float32 inputs by table + series, |err| < 2**-40; bf16/fp16 inputs from an exact
+histogram of their 2**15 magnitudes, summed in bin order; CUDA: log2 in float64, fixed-shape
+block reduction) and are reproducible run to run and for any thread count; the two agree
+within 2**-23 * sum |log2|x|| (tested).
 """
 from __future__ import annotations
 

@@ -155,12 +155,16 @@ GW_HD float fp_code_value(uint32_t code, int man_bits, int emin, int bits, int s
 // |x| > a, Inf and NaN pass through; otherwise x becomes copysign(a, x) when
 // |x| >= a * eps (one float32 multiply, eps = uniform01(seed, index)) and |x| > 0, else +0.
 // `a` is the effective threshold (alpha rounded to x's dtype), > 0.
-GW_HD float prune_one(float x, float a, RngKeys keys, uint64_t index) {
+GW_HD float prune_one_u(float x, float a, float eps) {
   const float ax = f32_from_bits(f32_bits(x) & 0x7FFFFFFFu);
   if (!(ax <= a)) return x;
-  const float t = a * uniform01(keys, index);
+  const float t = a * eps;
   if (ax >= t && ax > 0.0f) return f32_from_bits(f32_bits(a) | (f32_bits(x) & 0x80000000u));
   return 0.0f;
+}
+
+GW_HD float prune_one(float x, float a, RngKeys keys, uint64_t index) {
+  return prune_one_u(x, a, uniform01(keys, index));
 }
 
 // Pack 8 codes of `bits` bits LSB-first into the low 8*bits bits of a word (architecture.md).

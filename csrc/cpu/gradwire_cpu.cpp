@@ -509,8 +509,16 @@ at::Tensor moment_stats_cpu(const at::Tensor& x_in) {
 template <typename T>
 void prune_range(const T* x, T* y, int64_t begin, int64_t end, float a, RngKeys keys,
                  uint64_t offset) {
-  for (int64_t i = begin; i < end; ++i)
-    y[i] = static_cast<T>(prune_one(to_f32(x[i]), a, keys, offset + static_cast<uint64_t>(i)));
+  constexpr int kBlock = 1024;  // hash a block at a time (vectorised), then prune
+  uint32_t rbuf[kBlock];
+  for (int64_t i0 = begin; i0 < end; i0 += kBlock) {
+    const int cnt = static_cast<int>(std::min<int64_t>(kBlock, end - i0));
+    hash_r24_block(keys, offset + static_cast<uint64_t>(i0), cnt, rbuf);
+    for (int j = 0; j < cnt; ++j) {
+      const float eps = static_cast<float>(rbuf[j]) * 5.9604644775390625e-08f;  // uniform01
+      y[i0 + j] = static_cast<T>(prune_one_u(to_f32(x[i0 + j]), a, eps));
+    }
+  }
 }
 
 // The result is x, +-a or 0, all exact in T (a was rounded to T by the caller), so the cast
