@@ -85,12 +85,20 @@ def main():
     ap.add_argument("--density", type=float, default=0.02)
     ap.add_argument("--mem-n", type=int, default=10_000)
     ap.add_argument("--mem-density", type=float, default=0.01)
+    ap.add_argument("--memory-only", action="store_true",
+                    help="redo the memory rows, keep the accuracy rows of --out.json")
     args = ap.parse_args()
     torch.set_num_threads(1)  # tiny GEMMs; threads only contend on a shared machine
 
     configs = [("dense", 0), ("static", 0), ("set", 1), ("rigl", 0)]
     configs += [(m, k) for m in ("grabo", "random") for k in MULTS]
     acc_rows = []
+    acc_command = "python bench/sparse_subset.py " + " ".join(sys.argv[1:])
+    if args.memory_only:  # keep the accuracy rows (and their command) of an earlier run
+        with open(args.out + ".json") as f:
+            old = json.load(f)
+        acc_rows, configs = old["accuracy"], []
+        acc_command = old["meta"].get("accuracy_command", old["meta"]["command"])
     for method, mult in configs:
         runs = [train_digits(method, args.density, mult, s) for s in range(args.seeds)]
         a = torch.tensor([r["acc"] for r in runs], dtype=torch.float64)
@@ -108,6 +116,7 @@ def main():
               f"peak RSS {r['peak_rss_mib']:7.0f} MiB", flush=True)
 
     meta = {"command": "python bench/sparse_subset.py " + " ".join(sys.argv[1:]),
+            "accuracy_command": acc_command,
             "machine": platform.platform(), "cpus": os.cpu_count(),
             "digits_density": args.density, "seeds": args.seeds,
             "mem_layer": [args.mem_n, args.mem_n], "mem_density": args.mem_density}
@@ -123,7 +132,8 @@ def _subset_fraction(mult, density, prune=0.3):
 
 
 def write_table(path, meta, acc_rows, mem_rows, args):
-    lines = [f"# GraBo vs RigL as the subset grows", "", f"Command: `{meta['command']}`", "",
+    lines = ["# GraBo vs RigL as the subset grows", "",
+             f"Accuracy: `{meta['accuracy_command']}`; memory: `{meta['command']}`", "",
              f"## Accuracy, digits MLP at density {args.density} ({args.seeds} seeds)", "",
              "| method | subset multiplier | subset / W (first update) | test accuracy |",
              "|---|---|---|---|"]

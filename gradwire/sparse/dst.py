@@ -213,9 +213,13 @@ class DynamicSparseTrainer:
         for li, (m, q) in enumerate(zip(layers, quota)):
             s = rng.derive_seed(seed, li)
             if c.method == "rigl":
-                g = m.dense_grad().abs().masked_fill(m.mask, -1.0)
-                r, cc = (~m.mask).nonzero(as_tuple=True)
-                out.append((r, cc, g[r, cc]))
+                # Every inactive connection is a candidate, but a global top-n_target pick can
+                # only use a layer's own top-n_target: keep those (avoids listing 1e8 indices).
+                score = m.dense_grad().abs().masked_fill(m.mask, -1.0).reshape(-1)
+                kk = min(n_target, m.in_features * m.out_features - m.nnz)
+                top = torch.topk(score, kk, sorted=False)
+                out.append((top.indices // m.in_features, top.indices % m.in_features,
+                            top.values))
                 continue
             if c.method == "grabo":
                 f, g = m.unit_activity()
