@@ -192,3 +192,21 @@ def test_text_file_data_in_process(tmp_path, capsys):
         train.main(["--config", os.path.join(ROOT, "configs", "nm24.json"), "--steps", "0"])
     assert train.main(["--config", os.path.join(ROOT, "configs", "nm24.json"), "--data", str(tmp_path / "none.txt")]) == 2
     assert "is not a file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config", sorted(os.path.basename(p)[:-5] for p in
+                                          __import__("glob").glob(os.path.join(ROOT, "configs", "*.json"))))
+def test_every_shipped_config_trains_in_process(tmp_path, config):
+    # Two steps of a tiny model, 3 in-process stages (2 boundaries: overrides and heterogeneous
+    # allocation have something to act on); the bytes counted must be what the codecs produce.
+    sys.path.insert(0, os.path.dirname(TRAIN))
+    import train
+
+    rc = train.main(["--config", os.path.join(ROOT, "configs", config + ".json"), "--steps", "2",
+                     "--depth", "1", "--width", "16", "--heads", "2", "--seq-len", "8", "--stages", "3",
+                     "--report-dir", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    rep = _load(tmp_path)
+    assert set(rep["wire"]["per_boundary"]) == {"0", "1"}
+    for d in rep["wire"]["per_step"].values():
+        assert d["sent"] == d["predicted"] > 0
