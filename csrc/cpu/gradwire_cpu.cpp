@@ -239,15 +239,17 @@ std::vector<int64_t> parallel_hist(int64_t n, const F& body) {
   std::mutex mu;
   const int64_t nchunks = (n + kChunk - 1) / kChunk;
   at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<uint32_t> h(kAbsBins, 0);
+    // Two banks (even / odd elements): runs of equal values (common in gradients) would
+    // otherwise serialise on one counter's load-increment-store.
+    std::vector<uint32_t> h(2 * kAbsBins, 0);
     constexpr int64_t kFlush = 16384;  // chunks per flush: < 2**32 counts per bin
     for (int64_t a = c0; a < c1; a += kFlush) {
       const int64_t b = std::min(c1, a + kFlush);
       body(a * kChunk, std::min(n, b * kChunk), h.data());
       std::lock_guard<std::mutex> lock(mu);
       for (int i = 0; i < kAbsBins; ++i) {
-        total[i] += h[i];
-        h[i] = 0;
+        total[i] += static_cast<int64_t>(h[i]) + h[i + kAbsBins];
+        h[i] = h[i + kAbsBins] = 0;
       }
     }
   });
@@ -290,7 +292,7 @@ at::Tensor fp_encode16_table(const T* x, uint8_t* out, int64_t n, const FpParams
                        static_cast<int>(std::min<int64_t>(kBlock, end - g)), rbuf);
       for (int j = 0; j < cnt; ++j) {
         const uint16_t b = raw16(x[g + j]);
-        ++h[b & 0x7FFF];
+        ++h[((j & 1) << 15) | (b & 0x7FFF)];
         const uint64_t e = tab[b];
         if (kStochastic) {
           // Branch-free select: r24 is random, so a branch would mispredict half the time.
@@ -312,7 +314,7 @@ at::Tensor fp_encode16_table(const T* x, uint8_t* out, int64_t n, const FpParams
 template <typename T>
 at::Tensor stats16(const T* x, int64_t n) {
   const std::vector<int64_t> hist = parallel_hist(n, [&](int64_t begin, int64_t end, uint32_t* h) {
-    for (int64_t i = begin; i < end; ++i) ++h[raw16(x[i]) & 0x7FFF];
+    for (int64_t i = begin; i < end; ++i) ++h[((i & 1) << 15) | (raw16(x[i]) & 0x7FFF)];
   });
   return stats_from_hist<T>(hist);
 }
