@@ -15,6 +15,7 @@ Schema (all keys optional)::
       "codec": {"name": "fp", "bits": 6},      # default codec of every pipeline boundary
       "boundaries": {"1": {"bits": 8}},        # per-boundary overrides, merged into "codec"
       "data_parallel": {"name": "fp", "bits": 8},  # optional: compress DP gradient all-reduce
+      "tensor_parallel": {"size": 2, "codec": {"name": "fp", "bits": 8}},  # optional: TP in stages
       "report_dir": "reports/fp6"
     }
 
@@ -42,7 +43,7 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
-__all__ = ["ConfigError", "CodecSpec", "GradwireConfig", "parse_gradwire", "load_config",
+__all__ = ["ConfigError", "CodecSpec", "GradwireConfig", "TensorParallelSpec", "parse_gradwire", "load_config",
            "check_topology"]
 
 
@@ -176,7 +177,30 @@ def parse_codec(d: Mapping[str, Any], where: str = "gradwire.codec") -> CodecSpe
 
 
 SECTION_KEYS = ("enabled", "seed", "refresh_every", "warmup_steps", "codec", "boundaries", "data_parallel",
-                "report_dir")
+                "tensor_parallel", "report_dir")
+TP_KEYS = ("size", "codec")
+
+
+@dataclass(frozen=True)
+class TensorParallelSpec:
+    """``"tensor_parallel"``: ``size`` ranks per pipeline stage (Megatron-style); ``codec``
+    compresses the backward all-reduce of each column-parallel layer's input gradient."""
+
+    size: int = 1
+    codec: CodecSpec = field(default_factory=CodecSpec)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"size": self.size, "codec": self.codec.to_dict()}
+
+
+def parse_tensor_parallel(d: Any) -> TensorParallelSpec:
+    _check_keys("gradwire.tensor_parallel", d, TP_KEYS)
+    size = _int("gradwire.tensor_parallel.size", d.get("size", 1), 1)
+    codec = parse_codec(d.get("codec", {"name": "none"}), "gradwire.tensor_parallel.codec")
+    if codec.heterogeneous:
+        raise ConfigError("gradwire.tensor_parallel.codec: \"heterogeneous\" allocates sparsity across "
+                          "pipeline boundaries; set it to false for the tensor-parallel codec")
+    return TensorParallelSpec(size=size, codec=codec)
 
 
 @dataclass(frozen=True)
@@ -191,6 +215,7 @@ class GradwireConfig:
     boundaries: tuple[tuple[int, CodecSpec], ...] = ()  # sorted (boundary, spec) overrides
     data_parallel: CodecSpec | None = None
     report_dir: str | None = None
+    tensor_parallel: TensorParallelSpec = field(default_factory=TensorParallelSpec)
 
     def codec_for(self, boundary: int) -> CodecSpec:
         """The codec of pipeline boundary ``boundary`` (stage b -> b+1); ``none`` if disabled."""
@@ -241,11 +266,13 @@ def parse_gradwire(section: Mapping[str, Any] | None) -> GradwireConfig:
     if dp_spec is not None and dp_spec.name not in ("none", "bf16", "fp"):
         raise ConfigError("gradwire.data_parallel: only 'none', 'bf16' and 'fp' codecs are supported "
                           f"for the data-parallel all-reduce, got {dp_spec.name!r}")
+    tp = section.get("tensor_parallel")
+    tp_spec = TensorParallelSpec() if tp is None else parse_tensor_parallel(tp)
     rd = section.get("report_dir")
     if rd is not None and not isinstance(rd, str):
         raise ConfigError(f"gradwire.report_dir must be a string, got {rd!r}")
     return GradwireConfig(enabled=enabled, seed=seed, refresh_every=refresh, warmup_steps=warmup, codec=codec,
-                          boundaries=tuple(sorted(overrides)), data_parallel=dp_spec,
+                          boundaries=tuple(sorted(overrides)), data_parallel=dp_spec, tensor_parallel=tp_spec,
                           report_dir=rd)
 
 
