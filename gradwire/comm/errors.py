@@ -6,7 +6,10 @@ message names the operation and the peer, instead of a bare backend error or a h
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Iterator
+
+import torch.distributed
 
 
 class CommError(RuntimeError):
@@ -21,13 +24,36 @@ class PeerTimeoutError(CommError):
     """A peer did not answer within the process-group timeout, or closed its connection."""
 
 
+# What gloo and NCCL say when a peer is gone or silent (gloo raises plain ``RuntimeError``s with
+# these texts, e.g. "Timed out waiting 3000ms for recv operation to complete", "Application
+# timeout caused pair closure", "Connection closed by peer"; NCCL raises ``DistBackendError``).
+_PEER_FAILURE = re.compile(r"timed out|timeout|closed|closure|connection|reset by peer|broken pipe|"
+                           r"socket|abort|watchdog|remote process|unhandled system error",
+                           re.IGNORECASE)
+# NCCL reports its usage errors through the same ``DistBackendError`` type: not a peer failure.
+_USAGE = re.compile(r"invalid usage|invalid argument", re.IGNORECASE)
+
+
+def is_peer_failure(e: BaseException) -> bool:
+    """True when ``e`` looks like a dead/silent peer or a broken transport, not a programming error
+    (a split-size mismatch, a tensor on the wrong device, a bad rank), which must not be reported
+    as a timeout."""
+    if not isinstance(e, RuntimeError) or _USAGE.search(str(e)):
+        return False
+    # DistBackendError / DistNetworkError / DistStoreError, or gloo's plain RuntimeError texts
+    return isinstance(e, torch.distributed.DistError) or bool(_PEER_FAILURE.search(str(e)))
+
+
 @contextlib.contextmanager
 def comm_guard(what: str) -> Iterator[None]:
-    """Turn backend errors raised inside the block into ``PeerTimeoutError`` naming ``what``.
+    """Turn backend errors raised inside the block into gradwire errors naming ``what``.
 
     gloo and NCCL report a dead or silent peer as a ``RuntimeError`` (``DistBackendError``) after
-    the process group's timeout (``init_process_group(timeout=...)``) or when the socket closes;
-    we keep the original text and say which exchange was waiting.
+    the process group's timeout (``init_process_group(timeout=...)``) or when the socket closes:
+    that becomes ``PeerTimeoutError``, keeping the original text and saying which exchange was
+    waiting. Any other ``RuntimeError`` from the backend (a usage error such as unequal split
+    sizes or a CPU tensor on NCCL) becomes a plain ``CommError`` so that it is not mislabelled
+    as a timeout; ``TypeError``/``ValueError`` pass through unchanged.
     """
     try:
         yield
@@ -36,6 +62,8 @@ def comm_guard(what: str) -> Iterator[None]:
     except CommError:
         raise
     except RuntimeError as e:
+        if not is_peer_failure(e):
+            raise CommError(f"{what} failed: {type(e).__name__}: {e}") from e
         raise PeerTimeoutError(
             f"{what}: a peer did not answer within the process-group timeout or closed its "
             f"connection (did a rank exit or fail?): {type(e).__name__}: {e}"

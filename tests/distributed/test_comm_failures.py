@@ -6,9 +6,11 @@ import os
 import time
 
 import torch
+import torch.distributed as dist
 
-from gradwire.comm import (CommError, ConfigMismatchError, PacketChannel,
+from gradwire.comm import (CommError, ConfigMismatchError, PacketChannel, PeerTimeoutError,
                            compressed_all_reduce, recv_packet, send_packet)
+from gradwire.comm.errors import comm_guard
 from gradwire.testing.codecs import CastCodec, ThresholdCodec
 from gradwire.testing.launch import run_workers, values
 
@@ -40,6 +42,13 @@ def _mismatch_worker(rank, world):
         recv_packet(0, async_op=True)
     except ValueError as e:
         res["bad_async"] = str(e)
+    # a usage error of the backend (unequal split sizes, raised locally before any transfer) is
+    # a CommError naming the exchange, not mislabelled as a peer timeout
+    try:
+        with comm_guard("test exchange"):
+            dist.all_to_all_single(torch.empty(world), torch.empty(world + 1))
+    except CommError as e:
+        res["usage"] = (type(e).__name__, str(e))
     return res
 
 
@@ -52,6 +61,26 @@ def test_config_mismatch_names_both_configs():
         assert "test_cast" in v["coll"] and "test_threshold" in v["coll"], v["coll"]
         assert torch.equal(v["after"], torch.full((16,), 4.0))
         assert "1-D uint8" in v["bad_packet"] and "pre-allocated" in v["bad_async"]
+        assert v["usage"][0] == "CommError" and v["usage"][1].startswith("test exchange failed"), v["usage"]
+
+
+def test_comm_guard_classifies_backend_errors():
+    """Peer failures (gloo's texts, NCCL's DistBackendError) become PeerTimeoutError; other
+    backend RuntimeErrors become a plain CommError; TypeError/ValueError pass through."""
+    def raised(exc):
+        try:
+            with comm_guard("op"):
+                raise exc
+        except Exception as e:  # noqa: BLE001 - the class is what we check
+            return type(e)
+    for text in ("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 3000ms for recv",
+                 "Application timeout caused pair closure", "Connection closed by peer [127.0.0.1]:1"):
+        assert raised(RuntimeError(text)) is PeerTimeoutError, text
+    assert raised(dist.DistBackendError("NCCL communicator was aborted")) is PeerTimeoutError
+    assert raised(dist.DistBackendError("NCCL error: invalid usage")) is CommError
+    assert raised(RuntimeError("Split sizes doesn't match total dim 0 size")) is CommError
+    assert raised(RuntimeError("No backend type associated with device type cpu")) is CommError
+    assert raised(ValueError("bad")) is ValueError and raised(TypeError("bad")) is TypeError
 
 
 def _dead_peer_worker(rank, world, case):
