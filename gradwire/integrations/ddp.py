@@ -26,8 +26,11 @@ class GradwireDDPState:
     """State of the hook: the codec, seeds, the step counter and byte counters.
 
     ``codec``: a Codec or a ``build_codec`` mapping. ``min_numel``: buckets with fewer elements
-    use the plain all-reduce (headers would dominate). ``keep_trace``: remember the packets of the
-    last step per bucket index (for tests and debugging).
+    use the plain all-reduce (headers would dominate). ``keep_trace``: remember, per bucket index,
+    the packets of the current (or last finished) step, ``{"plain": True, ...}`` for buckets that
+    went through the plain all-reduce (for tests and debugging). The trace is cleared at the
+    first bucket of each step, so a bucket index that DDP's bucket rebuild (after the first
+    iteration) no longer uses does not linger with stale packets.
     """
 
     _PICKLED = ("codec_config", "base_seed", "min_numel", "iteration", "keep_trace", "counters")
@@ -51,6 +54,7 @@ class GradwireDDPState:
         self.keep_trace = bool(keep_trace)
         self.iteration = 0
         self.trace: dict[int, dict] = {}
+        self._step_started = False  # a bucket of the current iteration has been reduced
         self.counters = {"raw_bytes": 0, "sent_bytes": 0, "compressed_buckets": 0, "plain_buckets": 0}
 
     def __getstate__(self) -> dict:
@@ -64,6 +68,20 @@ class GradwireDDPState:
         self.codec = build_codec(dict(d["codec_config"]))
         self.process_group = None
         self.trace = {}
+        self._step_started = False
+
+
+def _completed_future(value: torch.Tensor) -> torch.futures.Future:
+    """A completed future holding ``value``. On CUDA the future must be told its devices: a plain
+    ``Future()`` is CPU-only and ``set_result`` of a CUDA tensor raises ("Expected all data ptrs
+    to be on a device of type cpu"); with ``devices`` it records an event on the current stream,
+    which DDP's reducer waits on before reading the result."""
+    if value.device.type == "cpu":
+        fut: torch.futures.Future = torch.futures.Future()
+    else:
+        fut = torch.futures.Future(devices=[value.device])
+    fut.set_result(value)
+    return fut
 
 
 def gradwire_allreduce_hook(state: GradwireDDPState, bucket: dist.GradBucket
@@ -72,12 +90,19 @@ def gradwire_allreduce_hook(state: GradwireDDPState, bucket: dist.GradBucket
     buf = bucket.buffer()
     group = state.process_group
     p = dist.get_world_size(group)
-    fut: torch.futures.Future = torch.futures.Future()
+    if not state._step_started:  # first bucket of this iteration
+        state.trace = {}
+        state._step_started = True
+    if bucket.is_last():
+        state._step_started = False
     if buf.numel() < state.min_numel:
         state.counters["plain_buckets"] += 1
         dist.all_reduce(buf, group=group)
-        fut.set_result(buf.div_(p))
-        return fut
+        if state.keep_trace:
+            state.trace[bucket.index()] = {"plain": True, "param_ids": [id(q) for q in bucket.parameters()]}
+        if bucket.is_last():
+            state.iteration += 1
+        return _completed_future(buf.div_(p))
     trace: dict = {}
     seed = derive_seed(state.base_seed, state.iteration, bucket.index())
     out = compressed_all_reduce(buf, state.codec, group=group, seed=seed, trace=trace)
@@ -89,5 +114,4 @@ def gradwire_allreduce_hook(state: GradwireDDPState, bucket: dist.GradBucket
                                        **trace}
     if bucket.is_last():
         state.iteration += 1
-    fut.set_result(out.div_(p))
-    return fut
+    return _completed_future(out.div_(p))

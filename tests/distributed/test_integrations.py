@@ -43,24 +43,28 @@ def _mlp():
     return nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 8), nn.Tanh(), nn.Linear(8, 1))
 
 
-def _ddp_run(rank, world, hook: bool):
+def _ddp_run(rank, world, hook: bool, min_numel: int = 0):
     model = _mlp()
     ref = copy.deepcopy(model)  # plain replica: exact local gradients at the same parameters
-    state = GradwireDDPState({"name": "bf16"}, base_seed=5, keep_trace=True)
-    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.002)  # several buckets
+    state = GradwireDDPState({"name": "bf16"}, base_seed=5, keep_trace=True, min_numel=min_numel)
+    # Two buckets (305 and 512 elements) in the first iteration; DDP's rebuild after it merges
+    # them (its first rebuilt bucket may hold 1 MiB), so later steps have one bucket of 817.
+    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb_list=[0.0012] * 4)
     if hook:
         ddp.register_comm_hook(state, gradwire_allreduce_hook)
         check_group(state.codec)  # one-time config handshake, kept out of the byte counts
     opt = torch.optim.SGD(ddp.parameters(), lr=ETA)
     g = torch.Generator().manual_seed(100 + rank)
-    losses, gnorms, errs, checks = [], [], [], []
+    losses, gnorms, errs, checks, kinds = [], [], [], [], []
     params = list(model.parameters())
+    index = {id(p): i for i, p in enumerate(params)}  # model param -> same position in ref
     for step in range(STEPS):
         x, y = torch.randn(32, 16, generator=g), torch.randn(32, 1, generator=g)
         ref.load_state_dict(model.state_dict())
         lref = nn.functional.mse_loss(ref(x), y)
         lref.backward()
-        local = torch.cat([p.grad.reshape(-1) for p in ref.parameters()])
+        ref_grads = [p.grad.clone() for p in ref.parameters()]
+        local = torch.cat([g.reshape(-1) for g in ref_grads])
         allg = [torch.empty_like(local) for _ in range(world)]
         dist.all_gather(allg, local)
         exact = torch.stack(allg).double().mean(0)
@@ -80,7 +84,15 @@ def _ddp_run(rank, world, hook: bool):
             # the hook averaged the decode of the gathered packets; those are the grads used
             by_id = {id(p): p for p in params}
             traced = 0
+            kinds.append(sorted((b, "plain" if tr.get("plain") else "packed", len(tr["param_ids"]))
+                                for b, tr in state.trace.items()))
             for b, tr in state.trace.items():
+                if tr.get("plain"):  # min_numel: the plain all-reduce of the same bucket, exactly
+                    want = torch.cat([ref_grads[index[i]].reshape(-1) for i in tr["param_ids"]])
+                    dist.all_reduce(want)
+                    got = torch.cat([by_id[i].grad.reshape(-1) for i in tr["param_ids"]])
+                    checks.append(("plain", torch.equal(got, want / world)))
+                    continue
                 dec = torch.cat([state.codec.decode(pk, dtype=torch.float32).reshape(-1)
                                  for pk in tr["phase2_recv"] if pk.numel()]) / world
                 grads = torch.cat([by_id[i].grad.reshape(-1) for i in tr["param_ids"]])
@@ -92,8 +104,9 @@ def _ddp_run(rank, world, hook: bool):
         opt.step()
     flat = torch.cat([p.detach().reshape(-1) for p in params])
     state.trace = {}
-    return dict(losses=losses, gnorms=gnorms, errs=errs, checks=checks, params=flat,
-                pickled=pickle.dumps(state) if hook else None, counters=dict(state.counters))
+    return dict(losses=losses, gnorms=gnorms, errs=errs, checks=checks, params=flat, kinds=kinds,
+                pickled=pickle.dumps(state) if hook else None, counters=dict(state.counters),
+                iteration=state.iteration)
 
 
 # ---------------------------------------------------------------- tensor parallel
@@ -226,6 +239,7 @@ def _dtensor_run(rank, world):
 
 def _worker(rank, world):
     res = {"dtensor": _dtensor_run(rank, world), "ddp": _ddp_run(rank, world, True), "ddp_plain": _ddp_run(rank, world, False),
+           "ddp_min400": _ddp_run(rank, world, True, 400), "ddp_min_all": _ddp_run(rank, world, True, 10**6),
            "tp": _tp_run(rank, world, False), "tp_sp": _tp_run(rank, world, True)}
     # bad arguments to the hook state
     errs = []
@@ -255,7 +269,21 @@ def test_ddp_and_tensor_parallel_training(world):
     plain = vals[0]["ddp_plain"]
     for t in range(STEPS):
         assert abs(d[0]["losses"][t] - plain["losses"][t]) <= _loss_tolerance(plain["gnorms"], d[0]["errs"], t)
-    assert d[0]["counters"]["sent_bytes"] > 0 and d[0]["counters"]["compressed_buckets"] >= STEPS
+    assert d[0]["counters"]["sent_bytes"] > 0 and d[0]["counters"]["compressed_buckets"] == STEPS + 1
+    # several buckets in the first step (each its own seed and packets), one after DDP's rebuild
+    assert d[0]["kinds"][0] == [(0, "packed", 5), (1, "packed", 1)], d[0]["kinds"]
+    assert all(k == [(0, "packed", 6)] for k in d[0]["kinds"][1:]), d[0]["kinds"]
+    # min_numel: small buckets take the plain all-reduce (bit-exact), the others are compressed;
+    # the step counter (hence the seeds) advances even when the last bucket is a plain one
+    for key, plain, packed in (("ddp_min400", 1, STEPS), ("ddp_min_all", STEPS + 1, 0)):
+        m = [v[key] for v in vals]
+        for v in m:
+            bad = [c for c in v["checks"] if not (c[1] == c[2] if c[0] == "wire" else c[1])]
+            assert v["checks"] and not bad, (key, bad)
+            assert torch.equal(v["params"], m[0]["params"]) and v["iteration"] == STEPS
+            assert (v["counters"]["plain_buckets"], v["counters"]["compressed_buckets"]) == (plain, packed)
+        assert any(c[0] == "plain" for c in m[0]["checks"])
+    assert vals[0]["ddp_min400"]["kinds"][0] == [(0, "plain", 5), (1, "packed", 1)]
     st = pickle.loads(d[0]["pickled"])  # survives pickling without the process group
     assert st.process_group is None and st.codec.config() == build_codec({"name": "bf16"}).config()
     assert st.iteration == STEPS
