@@ -4,7 +4,42 @@ The native kernels in csrc/ are compiled on first use by ``gradwire._build`` (ca
 ``~/.cache/gradwire`` or ``$GRADWIRE_BUILD_DIR``). Set ``GRADWIRE_BUILD_EXT=1`` at install time to
 compile the CPU extension ahead of time instead.
 """
+import glob
+import os
+
 from setuptools import find_packages, setup
+
+
+def _native_extensions():
+    """Ahead-of-time build of csrc/ when GRADWIRE_BUILD_EXT=1 (needs torch in the build env:
+    ``GRADWIRE_BUILD_EXT=1 pip install --no-build-isolation .``). Without it, gradwire._build
+    compiles the kernels on first use; the flags here must stay those of gradwire/_build.py."""
+    if os.environ.get("GRADWIRE_BUILD_EXT", "") in ("", "0"):
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    cflags = ["-O3", "-std=c++17", "-fopenmp"]
+    exts = [
+        CppExtension(
+            "gradwire._gradwire_cpu",
+            sorted(glob.glob("csrc/cpu/*.cpp")),
+            extra_compile_args=cflags,
+            extra_link_args=["-fopenmp"],
+        )
+    ]
+    if torch.cuda.is_available() or os.environ.get("GRADWIRE_BUILD_CUDA", "") not in ("", "0"):
+        exts.append(
+            CUDAExtension(
+                "gradwire._gradwire_cuda",
+                sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp")),
+                extra_compile_args={"cxx": cflags, "nvcc": ["-O3", "-std=c++17"]},
+            )
+        )
+    return exts, {"build_ext": BuildExtension}
+
+
+_EXT_MODULES, _CMDCLASS = _native_extensions()
 
 setup(
     name="gradwire",
@@ -26,6 +61,8 @@ setup(
         "matplotlib>=3.7",
         "ninja>=1.11",  # torch.utils.cpp_extension builds with ninja
     ],
+    ext_modules=_EXT_MODULES,
+    cmdclass=_CMDCLASS,
     extras_require={
         "dev": [
             "pytest>=8",
