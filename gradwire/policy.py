@@ -121,20 +121,45 @@ class BoundaryPolicy:
         if step < w or (step - w) % k or self._last_refresh == step:
             return
         self._last_refresh = step
-        if self._pending is not None and self._pending[0] > 0:
+        pending = None if self._pending is None else self._pending.cpu()  # the one host read
+        if pending is not None and pending[0] > 0:
             from gradwire.numerics.lognormal import fit_from_stats
 
-            self.fit = fit_from_stats(self._pending)
+            self.fit = fit_from_stats(pending)
             self.counters["refreshes"] += 1
         self._pending = None
 
     def observe(self, stats: torch.Tensor) -> None:
         """Add moment statistics (``moment_stats`` layout) to those of the next refresh, e.g.
-        stats merged over the ranks of a tensor-parallel group."""
-        from gradwire.numerics.lognormal import merge_stats
+        stats merged over the ranks of a tensor-parallel group.
 
-        stats = stats.detach().to(torch.float64).cpu()
-        self._pending = stats.clone() if self._pending is None else merge_stats(self._pending, stats)
+        Stays on the statistics' device and never reads values back (no ``.cpu()``/``.tolist()``):
+        on CUDA a host read would synchronise the stream at every encode and stall the backward
+        pass (DESIGN.md: statistics never block the critical path). The one device-to-host copy
+        happens at a refresh, every ``refresh_every`` steps, where ``fit_from_stats`` validates
+        the sums."""
+        if not isinstance(stats, torch.Tensor) or stats.shape != (5,):
+            raise ValueError(f"stats must be a tensor of shape (5,) (moment_stats layout), got "
+                             f"{getattr(stats, 'shape', type(stats).__name__)}")
+        stats = stats.detach().to(torch.float64)
+        if self._pending is None:
+            self._pending = stats.clone()
+        else:  # merge_stats(a, b) is a plain sum, but it validates with a host read
+            self._pending = self._pending + stats.to(self._pending.device)
+
+    def _encode_with_stats(self, codec: Codec, x: torch.Tensor, seed: int
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packet and moment statistics of ``x``. A codec that does not fuse the statistics into
+        its encode (the ``Codec`` default computes them with the reference, which reads partial
+        sums back to the host) gets them from ``ops.moment_stats`` on accelerators: a device
+        kernel, no synchronisation."""
+        if x.device.type != "cpu" and type(codec).encode_with_stats is Codec.encode_with_stats:
+            from gradwire import ops
+
+            packet = codec.encode(x, seed=seed, fit=self.fit)
+            return packet, ops.moment_stats(x)
+        packet, stats = codec.encode_with_stats(x, seed=seed, fit=self.fit)
+        return packet, stats
 
     # --- data path
     def encode(self, x: torch.Tensor, step: int) -> torch.Tensor:
@@ -143,7 +168,7 @@ class BoundaryPolicy:
             raise ValueError(f"step must be an int >= 0, got {step!r}")
         self._maybe_refresh(step)
         codec = self.codec_at(step)
-        packet, stats = codec.encode_with_stats(x, seed=self.seed(step), fit=self.fit)
+        packet, stats = self._encode_with_stats(codec, x, self.seed(step))
         self.observe(stats)
         c = self.counters
         c["steps"] += 1

@@ -97,3 +97,23 @@ def test_validation_and_pickling():
         p.set_sparsity(0.5)
     q = pickle.loads(pickle.dumps(p))
     assert q.codec.config() == p.codec.config()
+
+
+def test_observe_keeps_statistics_on_their_device():
+    """``observe`` must not read the statistics back to the host (on CUDA that would synchronise
+    every encode): statistics on the ``meta`` device (which cannot be copied to the host at all)
+    stay there; the host read happens at the refresh, where the sums are validated."""
+    p = BoundaryPolicy(codec={"name": "fp8_e4m3"}, warmup_steps=1, refresh_every=2)
+    for _ in range(3):
+        p.observe(torch.zeros(5, dtype=torch.float32, device="meta"))
+    assert p._pending.device.type == "meta" and p._pending.dtype == torch.float64
+    with pytest.raises(ValueError, match="shape"):
+        p.observe(torch.zeros(4, dtype=torch.float64))
+    # on CPU the accumulated sums are exactly merge_stats of the parts, and the fit follows
+    q = BoundaryPolicy(codec={"name": "fp8_e4m3"}, warmup_steps=2, refresh_every=2)
+    a, b = moment_stats(_grad(1)), moment_stats(_grad(2))
+    q.observe(a)
+    q.observe(b)
+    assert torch.equal(q._pending, merge_stats(a, b))
+    q.encode(_grad(3), 2)
+    assert q.fit == fit_from_stats(merge_stats(a, b))
