@@ -5,10 +5,14 @@ backward gradient at every stage boundary with the codec of the config's "gradwi
     deepspeed --num_gpus 2 launch/train.py --config configs/fp6.json    # 2 pipeline ranks
     torchrun --nproc_per_node 2 launch/train.py --config configs/fp6.json
     mpirun -n 2 python launch/train.py --config configs/fp6.json
+    torchrun --nproc_per_node 4 launch/train.py --config configs/fp6.json --stages 2 --tp 2
 
 With one process the stages run in-process and every boundary is still encoded and decoded
 (the report gives the bytes that would cross the wire). With several, DeepSpeed's pipeline
 engine runs one stage per rank (gloo on CPU, NCCL on GPU) with gradwire's gradient send/receive.
+With ``--tp N`` (or ``gradwire.tensor_parallel.size``) every stage's attention and MLP
+projections are split Megatron-style over N consecutive ranks, whose backward all-reduces are
+compressed with ``gradwire.tensor_parallel.codec``; ranks = stages x tp x data-parallel replicas.
 Everything (config, topology, data) is checked before training starts.
 """
 from __future__ import annotations
@@ -37,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=32)
     p.add_argument("--stages", type=int, default=None,
                    help="pipeline stages (default: the number of ranks, or 2 with one process)")
+    p.add_argument("--tp", type=int, default=None,
+                   help="tensor-parallel ranks per stage (default: gradwire.tensor_parallel.size, else 1)")
     p.add_argument("--data", default=None, help="a UTF-8 text file (character level) instead of "
                    "the embedded Markov language")
     p.add_argument("--vocab", type=int, default=16, help="embedded language: vocabulary (default 16)")
@@ -146,10 +152,29 @@ def run_deepspeed(args, ds_config, gw, gpt_cfg, tokens, world):
     from gradwire.models.gpt import gpt_layers, lm_loss
     from gradwire.models.synthetic import TokenStream
 
-    stages = args.stages or world
-    net = PipelineModule(layers=gpt_layers(gpt_cfg, seed=args.seed), num_stages=stages,
-                         loss_fn=lm_loss, partition_method="uniform")
+    stages, tp = args.stages or world, args.tp
     cfg = dict(ds_config, gradwire=_section(gw))
+    tp_group = None
+    if tp == 1:
+        net = PipelineModule(layers=gpt_layers(gpt_cfg, seed=args.seed), num_stages=stages,
+                             loss_fn=lm_loss, partition_method="uniform")
+    else:
+        from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+        from gradwire.integrations.deepspeed import codec_from_spec
+        from gradwire.models.tp_gpt import new_tp_groups, tp_gpt_layers
+
+        tp_group = new_tp_groups(world, tp)
+        spec = _tp_codec(gw)
+        layers = tp_gpt_layers(gpt_cfg, tp_group, lambda: codec_from_spec(spec), seed=args.seed,
+                               base_seed=gw.seed)
+        # axes pipe x data x model: the 'model' (tensor) axis is innermost, so DeepSpeed's
+        # slice group is the same consecutive ranks as tp_group
+        topo = PipeModelDataParallelTopology(num_pp=stages, num_mp=tp, num_dp=world // (stages * tp))
+        net = PipelineModule(layers=layers, topology=topo, loss_fn=lm_loss, partition_method="uniform")
+        # Boundary tensors travel whole from each TP rank to its peer in the next stage:
+        # DeepSpeed's partitioned activation/gradient path is not exercised by gradwire's tests.
+        cfg["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False, **cfg.get("pipeline", {})}
     cfg.setdefault("steps_per_print", 10 ** 9)
     engine, _, _, _ = initialize(model=net, config=cfg,
                                  model_parameters=[p for p in net.parameters() if p.requires_grad])
@@ -180,6 +205,8 @@ def run_deepspeed(args, ds_config, gw, gpt_cfg, tokens, world):
             "dp": engine.gradwire_dp_bytes,
             # replicas of a stage must hold identical weights after compressed DP all-reduces
             "checksum": float(sum(p.detach().double().sum() for p in engine.module.parameters()))}
+    if tp_group is not None:
+        mine["tp"] = _tp_telemetry(engine, tp_group)
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, mine)
     rows = [r for e in every for r in e["rows"]]
@@ -192,8 +219,40 @@ def run_deepspeed(args, ds_config, gw, gpt_cfg, tokens, world):
                               "codec": gw.data_parallel.label if gw.data_parallel else "none",
                               "bytes_sent": sum(e["dp"]["sent"] for e in every),
                               "raw_bytes": sum(e["dp"]["raw"] for e in every)}}
+    info["tensor_parallel"] = {"size": tp, "codec": _tp_codec(gw).label if tp > 1 else "none",
+                               "bytes_sent": sum(e["tp"]["sent"] for e in every) if tp > 1 else 0,
+                               "raw_bytes": sum(e["tp"]["raw"] for e in every) if tp > 1 else 0,
+                               "by_rank": [e.get("tp") for e in every] if tp > 1 else []}
     dist.barrier()
     return losses, rows, info, rank
+
+
+def _tp_codec(gw):
+    """The codec of the TP backward all-reduces (``none`` when gradwire is disabled)."""
+    from gradwire.config import CodecSpec
+
+    return gw.tensor_parallel.codec if gw.enabled else CodecSpec()
+
+
+def _tp_telemetry(engine, tp_group) -> dict:
+    """This rank's TP collectives: bytes it sent, what a plain ring all-reduce would have sent,
+    how many all-reduces ran, and a SHA-256 of the replicated parameters (every TP rank of a
+    stage must hold them bit-identical)."""
+    import hashlib
+
+    import torch.distributed as dist
+
+    from gradwire.models.tp_gpt import replicated_parameters, tp_comms
+
+    comms = tp_comms(engine.module)
+    h = hashlib.sha256()
+    for name, p in replicated_parameters(engine.module):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return {"rank": dist.get_rank(), "stage": engine.stage_id, "tp_rank": dist.get_rank(tp_group),
+            "dp_id": engine.grid.data_parallel_id, "sent": sum(c.bytes_sent for c in comms),
+            "raw": sum(c.raw_bytes for c in comms), "collectives": sum(c.step for c in comms),
+            "replicated_sha256": h.hexdigest()}
 
 
 def _section(gw):
@@ -201,7 +260,8 @@ def _section(gw):
     d = {"enabled": gw.enabled, "seed": gw.seed, "refresh_every": gw.refresh_every,
          "warmup_steps": gw.warmup_steps,
          "data_parallel": gw.data_parallel.to_dict() if gw.data_parallel else None,
-         "codec": gw.codec.to_dict(), "boundaries": {str(b): s.to_dict() for b, s in gw.boundaries}}
+         "codec": gw.codec.to_dict(), "boundaries": {str(b): s.to_dict() for b, s in gw.boundaries},
+         "tensor_parallel": gw.tensor_parallel.to_dict()}
     return d
 
 
@@ -212,8 +272,15 @@ def main(argv=None) -> int:
     try:
         ds_config, gw = load_config(args.config)
         depth_layers = args.depth + 2
-        stages = args.stages or (world if world > 1 else 2)
-        check_topology(world, stages, depth_layers)
+        tp = args.tp if args.tp is not None else gw.tensor_parallel.size
+        if tp < 1:
+            raise ConfigError(f"--tp must be >= 1, got {tp}")
+        if tp > 1 and world == 1:
+            raise ConfigError(f"tensor parallelism {tp} needs stages x {tp} ranks (one process runs "
+                              f"the stages in-process, without TP): launch with e.g. "
+                              f"torchrun --nproc_per_node {tp * (args.stages or 1)}, or set --tp 1")
+        stages = args.stages or (max(1, world // tp) if world > 1 else 2)
+        check_topology(world, stages, depth_layers, tp)
         gw.check_boundaries(stages)
         if world > 1 and stages > 2 and any(gw.codec_for(b).heterogeneous for b in range(stages - 1)):
             raise ConfigError("gradwire.codec.heterogeneous: allocating sparsity across boundaries "
@@ -229,6 +296,13 @@ def main(argv=None) -> int:
             gpt_cfg = GPTConfig(width=args.width, depth=args.depth, heads=args.heads, seq_len=args.seq_len)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        if tp > 1:
+            from gradwire.models.tp_gpt import check_tp_shape
+
+            try:
+                check_tp_shape(gpt_cfg, tp)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         for spec in [gw.codec_for(b) for b in range(stages - 1)]:
             if spec.name == "nm" and gpt_cfg.width % spec.m:
                 raise ConfigError(f"codec {spec.label}: blocks of {spec.m} along the hidden dimension "
@@ -239,10 +313,12 @@ def main(argv=None) -> int:
             codec_from_spec(gw.codec_for(b))  # an impossible codec fails here, not mid-step
         if gw.data_parallel is not None:
             codec_from_spec(gw.data_parallel)
+        if tp > 1:
+            codec_from_spec(_tp_codec(gw))
     except ConfigError as e:
         print(f"train.py: configuration error: {e}", file=sys.stderr)
         return 2
-    args.stages = stages
+    args.stages, args.tp = stages, tp
     torch.set_num_threads(max(1, args.threads))
     tokens, vocab, floor, data_name = build_data(args)
     gpt_cfg = GPTConfig(vocab=vocab, width=args.width, depth=args.depth, heads=args.heads, seq_len=args.seq_len)
@@ -290,6 +366,13 @@ def _finish(args, gw, gpt_cfg, losses, rows, info, floor, data_name, elapsed, ds
     out = args.report_dir or gw.report_dir or os.path.join("reports", name)
     paths = write_report(out, rep, baseline)
     print(summary_table(rep, baseline))
+    tpi = info.get("tensor_parallel") or {}
+    if tpi.get("size", 1) > 1:
+        # beside the pipeline-boundary bytes of the table: the TP backward all-reduces
+        print(f"tensor parallel: {tpi['size']} ranks/stage, codec {tpi['codec']}: "
+              f"{tpi['bytes_sent']:,} B sent by the backward all-reduces "
+              f"(uncompressed ring all-reduce: {tpi['raw_bytes']:,} B, "
+              f"{tpi['raw_bytes'] / max(tpi['bytes_sent'], 1):.2f}x)")
     print(f"report: {', '.join(paths)}")
 
 
