@@ -86,7 +86,15 @@ def check_peer(codec: Codec, peer: int, group=None, device: torch.device | str =
         )
 
 
-_CHECKED: set[tuple[int, str]] = set()  # (group id, fingerprint) pairs already verified
+# Verified (group, fingerprint) pairs. Keyed by the id of the process-group object, with the
+# object itself kept as the value: holding it keeps the id from being reused by a later group
+# (ids of garbage-collected objects are recycled), and ``group=None`` is resolved to the current
+# default group, so a destroyed and re-initialised default group is handshaken again.
+_CHECKED: dict[tuple[int, str], Any] = {}
+
+
+def _group_object(group):
+    return group if group is not None else dist.distributed_c10d._get_default_group()
 
 
 def check_group(codec: Codec, group=None, device: torch.device | str = "cpu", *,
@@ -98,7 +106,8 @@ def check_group(codec: Codec, group=None, device: torch.device | str = "cpu", *,
     from gradwire.comm.collectives import all_gather_bytes  # late: collectives imports us
 
     mine = codec_fingerprint(codec)
-    key = (id(group), mine)
+    gobj = _group_object(group)
+    key = (id(gobj), mine)
     if key in _CHECKED and not force:
         return
     with comm_guard("config handshake (all_gather of codec fingerprints)"):
@@ -113,4 +122,4 @@ def check_group(codec: Codec, group=None, device: torch.device | str = "cpu", *,
             f"codec config mismatch in the process group: rank {me} has {mine}; "
             f"rank {other} has {all_fp[other]}"
         )
-    _CHECKED.add(key)
+    _CHECKED[key] = gobj

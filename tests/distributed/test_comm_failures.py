@@ -2,6 +2,7 @@
 exits (a timeout error, not a hang), bad input."""
 from __future__ import annotations
 
+import datetime
 import os
 import time
 
@@ -17,7 +18,7 @@ from gradwire.testing.launch import run_workers, values
 PG_TIMEOUT_S = 4.0  # process-group timeout given to the workers of the dead-peer test
 
 
-def _mismatch_worker(rank, world):
+def _mismatch_worker(rank, world, reinit_file):
     """Rank 1 runs a different codec format version (p2p) and a different codec (collective)."""
     res = {}
     if rank < 2:
@@ -49,11 +50,21 @@ def _mismatch_worker(rank, world):
             dist.all_to_all_single(torch.empty(world), torch.empty(world + 1))
     except CommError as e:
         res["usage"] = (type(e).__name__, str(e))
+    # A destroyed and re-created default group is a new group: the handshake runs again there
+    # (rank 0 keeps the codec it already verified on the old group; the others change codec).
+    dist.barrier()
+    dist.destroy_process_group()
+    dist.init_process_group("gloo", init_method=f"file://{reinit_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=20))
+    try:
+        compressed_all_reduce(torch.ones(16), CastCodec() if rank == 0 else ThresholdCodec(0.5))
+    except ConfigMismatchError as e:
+        res["reinit"] = str(e)
     return res
 
 
-def test_config_mismatch_names_both_configs():
-    vals = values(run_workers(_mismatch_worker, 4, timeout_s=120))
+def test_config_mismatch_names_both_configs(tmp_path):
+    vals = values(run_workers(_mismatch_worker, 4, str(tmp_path / "reinit"), timeout_s=120))
     for r, v in enumerate(vals):
         if r < 2:  # both ends of the link fail, at the first exchange, naming both versions
             assert "mismatch" in v["p2p"] and '"version": 1' in v["p2p"] and '"version": 2' in v["p2p"]
@@ -61,6 +72,7 @@ def test_config_mismatch_names_both_configs():
         assert "test_cast" in v["coll"] and "test_threshold" in v["coll"], v["coll"]
         assert torch.equal(v["after"], torch.full((16,), 4.0))
         assert "1-D uint8" in v["bad_packet"] and "pre-allocated" in v["bad_async"]
+        assert "test_cast" in v["reinit"] and "test_threshold" in v["reinit"], v
         assert v["usage"][0] == "CommError" and v["usage"][1].startswith("test exchange failed"), v["usage"]
 
 
