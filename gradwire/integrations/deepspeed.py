@@ -90,6 +90,25 @@ except ImportError:  # pragma: no cover - exercised only without deepspeed insta
     _ds_schedule = None
 
 
+def _grad_of(t: torch.Tensor) -> torch.Tensor:
+    if t.grad is None:
+        raise RuntimeError("a floating-point pipeline input has no gradient to send")
+    return t.grad
+
+
+@contextlib.contextmanager
+def _timer(engine, name: str):
+    """DeepSpeed's wall-clock breakdown timer around an instruction (as its own versions do)."""
+    on = engine.wall_clock_breakdown()
+    if on:
+        engine.timers(name).start()
+    try:
+        yield
+    finally:
+        if on:
+            engine.timers(name).stop()
+
+
 class GradwirePipelineEngine(_PipelineEngine):
     """``PipelineEngine`` whose backward gradient send/receive go through gradwire codecs.
 
@@ -138,26 +157,30 @@ class GradwirePipelineEngine(_PipelineEngine):
         ``_exec_send_grads``), with the partitioned-gradient split when TP partitions them."""
         inputs = self.pipe_buffers["inputs"][buffer_id]
         if self.is_grad_partitioned:
-            first, tail = (inputs[0], inputs[1:]) if isinstance(inputs, tuple) else (inputs, ())
+            first, tail = (inputs[0], list(inputs[1:])) if isinstance(inputs, tuple) else (inputs, [])
             part = _PartitionedTensor(tensor=first.grad, group=self.grid.get_slice_parallel_group())
-            out = [part.to_meta(), part.data()] + [t.grad for t in tail]
-            if self.has_attention_mask or self.has_bool_tensors:
-                out = out[:-1]
-            return out
+            if (self.has_attention_mask or self.has_bool_tensors) and tail:
+                tail = tail[:-1]  # the mask, last, has no gradient (DeepSpeed pops it the same way)
+            # The receiver expects the metadata, the local part, then one gradient per
+            # floating-point tail output (DeepSpeed's own _exec_recv_grads); integer tail inputs
+            # (e.g. position ids) have no gradient and nothing is sent for them.
+            return [part.to_meta(), part.data()] + [_grad_of(t) for t in tail if t.is_floating_point()]
         if isinstance(inputs, torch.Tensor):
             return [inputs.grad]
         inputs = list(inputs)
         if self.has_attention_mask or self.has_bool_tensors:
             inputs = inputs[:-1]  # the mask has no gradient; DeepSpeed drops it the same way
-        out = []
-        for t in inputs:
-            if t.is_floating_point():
-                if t.grad is None:
-                    raise RuntimeError("a floating-point pipeline input has no gradient to send")
-                out.append(t.grad)
-        return out
+        return [_grad_of(t) for t in inputs if t.is_floating_point()]
 
     def _exec_send_grads(self, buffer_id):
+        with _timer(self, "pipe_send_grad"):
+            self._gw_send_grads(buffer_id)
+
+    def _exec_recv_grads(self, buffer_id):
+        with _timer(self, "pipe_recv_grad"):
+            self._gw_recv_grads(buffer_id)
+
+    def _gw_send_grads(self, buffer_id):
         from gradwire.comm.p2p import LENGTH_BYTES, send_packet
 
         policy, peer = self._gw_send
@@ -179,7 +202,7 @@ class GradwirePipelineEngine(_PipelineEngine):
                                  _label(policy, step), sent_bytes=sent)
         self.pipe_buffers["inputs"][buffer_id] = None
 
-    def _exec_recv_grads(self, buffer_id):
+    def _gw_recv_grads(self, buffer_id):
         outputs = self.pipe_buffers["outputs"][buffer_id]
         if self.is_pipe_partitioned and not self.is_grad_partitioned:
             # Activations were sent partitioned; restore the full output before backward.
