@@ -38,16 +38,34 @@ def _global(peer: int, group) -> int:
     return peer if group is None else dist.get_global_rank(group, peer)
 
 
-class PendingOps:
-    """Handles of in-flight sends/receives; ``wait()`` returns the received packet (or None)."""
+def default_device(group=None) -> torch.device:
+    """Where packets live for ``group``'s backend: the current CUDA device under NCCL (it only
+    moves CUDA tensors), the CPU otherwise (gloo)."""
+    if not dist.is_initialized():
+        return torch.device("cpu")
+    backend = str(dist.get_backend(group)).lower()
+    if "nccl" in backend and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
-    def __init__(self, works: Sequence, result: torch.Tensor | None, what: str):
+
+class PendingOps:
+    """Handles of in-flight sends/receives; ``wait()`` returns the received packet (or None).
+
+    Holds the tensors being sent (the packet and, for the variable-size protocol, the length
+    prefix, which the caller never sees) until ``wait``: the caching allocator must not hand
+    their memory to another tensor while an asynchronous NCCL send may still read it."""
+
+    def __init__(self, works: Sequence, result: torch.Tensor | None, what: str,
+                 keep: Sequence[torch.Tensor] = ()):
         self._works, self._result, self._what = list(works), result, what
+        self._keep = list(keep)
 
     def wait(self) -> torch.Tensor | None:
         with comm_guard(self._what):
             for w in self._works:
                 w.wait()
+        self._keep = []
         return self._result
 
 
@@ -64,7 +82,7 @@ def send_packet(packet: torch.Tensor, dst: int, *, group=None, tag: int = 0,
     msgs.append(packet)
     with comm_guard(what):
         if async_op:
-            return PendingOps([dist.isend(m, g, group=group, tag=tag) for m in msgs], None, what)
+            return PendingOps([dist.isend(m, g, group=group, tag=tag) for m in msgs], None, what, msgs)
         for m in msgs:
             dist.send(m, g, group=group, tag=tag)
     return None
@@ -116,14 +134,15 @@ class PacketChannel:
     """
 
     def __init__(self, codec: Codec, peer: int, *, group=None, tag: int = 0, base_seed: int = 0,
-                 boundary_id: int = 0, device: torch.device | str = "cpu"):
+                 boundary_id: int = 0, device: torch.device | str | None = None):
         if not isinstance(codec, Codec):
             raise TypeError(f"codec must be a gradwire Codec, got {type(codec).__name__}")
         if not isinstance(peer, int) or peer < 0:
             raise ValueError(f"peer must be a rank >= 0, got {peer!r}")
         self.codec, self.peer, self.group, self.tag = codec, peer, group, tag
         self.base_seed, self.boundary_id = base_seed, boundary_id
-        self.device = torch.device(device)
+        # None: the group backend's device (CUDA under NCCL, CPU under gloo), see default_device
+        self.device = default_device(group) if device is None else torch.device(device)
         self._checked = False
         self._buf: torch.Tensor | None = None
         self.bytes_sent = 0  # packet bytes (plus length prefixes) this rank put on the wire

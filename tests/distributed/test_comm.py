@@ -6,6 +6,7 @@ import torch
 
 from gradwire.comm import (CommError, PacketChannel, check_group, chunk_bounds, compressed_all_gather,
                            compressed_all_reduce, compressed_reduce_scatter, recv_packet, send_packet)
+from gradwire.comm.p2p import default_device
 from gradwire.numerics.rng import derive_seed
 from gradwire.testing.codecs import CastCodec, ThresholdCodec
 from gradwire.testing.launch import run_workers, values
@@ -135,6 +136,16 @@ def _p2p_cases(rank, world):
         except CommError as e:
             extra["too_long"] = str(e)
         recv_packet(0, out=torch.empty(100, dtype=torch.uint8), tag=8)  # drain the payload
+    # async variable-size send: the handle keeps the length prefix and the packet alive until
+    # waited (an NCCL isend may still read them); the receiver gets the packet exactly
+    if rank == 0:
+        h = send_packet(pk, 1, tag=9, with_length=True, async_op=True)
+        extra["kept"] = [t.numel() for t in h._keep]
+        h.wait()
+        extra["kept_after"] = len(h._keep)
+    else:
+        extra["async_var"] = recv_packet(0, tag=9, max_size=100)
+    extra["device"] = (str(default_device()), PacketChannel(CastCodec(), 1 - rank).device.type)
     got.append(extra)
     return got
 
@@ -225,6 +236,10 @@ def test_compressed_collectives(world):
         extra = vals[1]["p2p"][2]
         assert torch.equal(extra["async"], torch.arange(100, dtype=torch.int64).to(torch.uint8))
         assert "100 bytes" in extra["too_long"] and "0..10" in extra["too_long"]
+        assert torch.equal(extra["async_var"], torch.arange(100, dtype=torch.int64).to(torch.uint8))
+        sender = vals[0]["p2p"][2]
+        assert sender["kept"] == [1, 100] and sender["kept_after"] == 0
+        assert extra["device"] == sender["device"] == ("cpu", "cpu")  # gloo: packets on the CPU
         for ci in range(2):
             a, b = vals[0]["p2p"][ci], vals[1]["p2p"][ci]
             for s, r in zip(a["sent"], b["recvd"]):
@@ -240,3 +255,16 @@ def test_compressed_collectives(world):
             # decode on the receiver equals the reference decode of the final packet
             codec = _codecs()[ci]
             assert torch.equal(b["y"], codec.decode(a["y"], dtype=torch.bfloat16))
+
+
+def test_default_device_follows_the_backend(monkeypatch):
+    """Under NCCL a channel's buffers must be CUDA tensors (NCCL moves nothing else)."""
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert default_device() == torch.device("cuda", 3)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    assert default_device() == torch.device("cpu")
