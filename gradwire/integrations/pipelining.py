@@ -9,8 +9,10 @@ other single-stage schedules) that swaps, in the point-to-point ops the schedule
   the gradient; ``_retrieve_recv_grads`` decodes it into the stage's gradient buffer before the
   stage's backward reads it.
 
-Seeds: the n-th send of micro-batch ``mb`` across boundary ``b`` (stage b+1 -> stage b) uses
-``derive_seed(base_seed, n, mb, b)``; both ends count the same way. Activations (forward) are
+Seeds: gradient ``i`` of the n-th send of micro-batch ``mb`` across boundary ``b`` (stage b+1 ->
+stage b) uses ``derive_seed(base_seed, n, mb, b, i)``, so the rounding noise is independent
+across steps, micro-batches, boundaries and the several gradients of one send (the receiver
+needs no seed: decoding is deterministic). Activations (forward) are
 sent exactly. Only fixed-rate codecs are accepted (variable-size ones would need a length
 message that the schedules' batched p2p cannot express).
 
@@ -59,17 +61,17 @@ class CompressedPipelineStage(PipelineStage):
             if 0 <= peer_stage < num_stages:
                 check_peer(codec, self.stage_index_to_group_rank[peer_stage], self.group, device)
 
-    def _seed(self, n: int, mb: int, sender_stage: int) -> int:
-        return derive_seed(self.base_seed, n, mb, sender_stage - 1)
+    def _seed(self, n: int, mb: int, sender_stage: int, i: int) -> int:
+        return derive_seed(self.base_seed, n, mb, sender_stage - 1, i)
 
     def get_bwd_send_ops(self, bwd_chunk_id: int) -> list[dist.P2POp]:
         ops = super().get_bwd_send_ops(bwd_chunk_id)
         n = self._n_sent.get(bwd_chunk_id, 0)
         self._n_sent[bwd_chunk_id] = n + 1
         out = []
-        for op in ops:
+        for i, op in enumerate(ops):
             g = op.tensor
-            packet = self.codec.encode(g.detach(), seed=self._seed(n, bwd_chunk_id, self.stage_index))
+            packet = self.codec.encode(g.detach(), seed=self._seed(n, bwd_chunk_id, self.stage_index, i))
             self.bytes_sent += packet.numel()
             self.raw_bytes_sent += g.numel() * g.element_size()
             if self.keep_trace:

@@ -146,3 +146,12 @@ def test_compressed_pipeline_training(world):
         for m in (vals[0]["mismatch"], vals[1]["mismatch"]):
             assert m and "bf16" in m and "fp8_e4m3" in m
     assert "fixed-rate" in vals[0]["variable_rejected"]
+
+
+def test_send_seeds_differ_per_step_microbatch_boundary_and_gradient():
+    """Every encoded gradient gets its own seed: two gradients of one send (a stage with several
+    inputs) must not share rounding noise, nor steps, micro-batches or boundaries."""
+    st = object.__new__(CompressedPipelineStage)  # only the seed schedule, no process group
+    st.base_seed = 3
+    keys = [(n, mb, s, i) for n in range(3) for mb in range(4) for s in range(1, 4) for i in range(3)]
+    assert len({st._seed(*k) for k in keys}) == len(keys)
