@@ -44,10 +44,12 @@ class Codec(ABC):
     def encode_with_stats(
         self, x: torch.Tensor, *, seed: int = 0, fit: Any | None = None
     ) -> EncodeResult:
-        """``encode`` plus the moment statistics of ``x`` (kernels fuse the two passes)."""
-        from gradwire.numerics.lognormal import moment_stats
+        """``encode`` plus the moment statistics of ``x``: here a separate ``ops.moment_stats``
+        pass (native kernel when loaded); the FP codec overrides this with one fused pass."""
+        from gradwire import ops
 
-        return EncodeResult(self.encode(x, seed=seed, fit=fit), moment_stats(x))
+        x = check_input(x, self.name)
+        return EncodeResult(self.encode(x, seed=seed, fit=fit), ops.moment_stats(x))
 
     @abstractmethod
     def decode(self, packet: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -4,28 +4,35 @@ Semantics are ``gradwire.numerics.fp``: ``decode(encode(x, seed=s))`` equals
 ``numerics.fp.quantize(x, fmt, rounding, scale_exp=e, seed=s)`` exactly, where
 
 * ``fmt`` is ``FPFormat(exp_bits, bits - 1 - exp_bits)``: ``exp_bits`` from the configuration, or,
-  when the codec is configured with ``bits`` only, ``lognormal.optimal_split(bits, sigma_log2)``
-  (Eq. 4 of paper 001, the corrected mantissa term in NOTES-ON-SEEDS.md);
-* ``e`` is the power-of-two scale ``fp_error.optimal_scale_exp(fmt, mu_log2, sigma_log2, rounding)``
-  (the analytic replacement of the authors' "-mean(log2|g|) - 3" shift, NOTES-ON-SEEDS.md), or
-  with ``scale="amax"`` the largest power of two that leaves max|x| unsaturated;
+  when the codec is configured with ``bits`` only, the split of ``fp_error.optimal_format`` (least
+  exact error of these formats; ``split="eq4"``: ``lognormal.optimal_split``, Eq. 4 of paper 001
+  with the corrected mantissa term in NOTES-ON-SEEDS.md);
+* ``e`` is the power-of-two scale: by default ``min(fp_error.optimal_scale_exp(fmt, mu_log2,
+  sigma_log2, rounding), amax_scale_exp(max|x|))`` -- the analytic optimum (replacing the
+  authors' "-mean(log2|g|) - 3" shift, NOTES-ON-SEEDS.md) capped so that the largest finite
+  magnitude stays representable (``choose_format`` has the measured reason); ``scale="optimal"``
+  drops the cap, ``scale="amax"`` uses the cap alone;
 * mu/sigma come from ``fit`` (the policy's running ``LognormalFit``) or, without a usable one,
   from fitting ``x`` itself. A tensor with no finite nonzero entry uses scale 0 and the split
   for ``DEFAULT_SIGMA_LOG2`` (every code is then 0 or the non-finite code anyway).
 
 The random counter of stochastic rounding is the flat element index (offset 0). Payload: the
-codes, ``bits`` per element, packed by ``bitpack.pack_bits`` (FP6: 4 values in 3 bytes).
+codes, ``bits`` per element, packed LSB-first (FP6: 4 values in 3 bytes). Encoding is one fused
+``gradwire.ops.fp_encode`` pass (codes, packing and the policy's moment statistics); decoding is
+``ops.fp_decode``. Decisions (fit of x, amax) are computed by the numerics reference, so the
+packet does not depend on which kernel served the op.
 """
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from typing import Any, Sequence
 
 import torch
 
-from gradwire.codec.base import Codec, check_input, decode_dtype
-from gradwire.codec.bitpack import pack_bits, packed_nbytes, unpack_bits
+from gradwire.codec.base import Codec, EncodeResult, check_input, decode_dtype
+from gradwire.codec.bitpack import packed_nbytes
 from gradwire.codec.header import (
     Header,
     PacketError,
@@ -75,7 +82,9 @@ def usable_fit(x: torch.Tensor, fit: Any | None):
     return f if f.usable else None
 
 
-SCALE_MODES = ("optimal", "amax")
+SCALE_MODES = ("optimal_capped", "optimal", "amax")
+SPLIT_MODES = ("optimal", "eq4")
+SPLIT_SIGMA_STEP = 1.0 / 32  # the automatic split is chosen (and cached) on this sigma grid
 
 
 def amax_scale_exp(amax: float, max_value: float) -> int:
@@ -98,30 +107,68 @@ def finite_amax(x: torch.Tensor) -> float:
     return float(torch.where(torch.isfinite(xf), xf.abs(), 0.0).max())
 
 
-def choose_format(bits: int, exp_bits: int | None, rounding: str, fit, scale: str = "optimal",
-                  amax: float = 0.0) -> tuple[Any, int]:
-    """(FPFormat, scale_exp) for data described by ``fit`` (None: nothing known).
+@functools.lru_cache(maxsize=4096)
+def _auto_exp_bits(bits: int, sigma_q: float, rounding: str) -> int:
+    """Exponent bits of the automatic ``bits``-bit split at (grid-rounded) ``sigma_q``.
 
-    scale="optimal": ``fp_error.optimal_scale_exp`` (minimum expected *relative* error per element,
-    paper 001's criterion; it lets the top tail saturate, which costs L2 error / cosine on heavy
-    tails, see bench/results/codec_bytes.md). scale="amax": the largest power of two that keeps
-    ``amax`` (the largest finite magnitude) unsaturated; with stochastic rounding the codec is then
-    unbiased everywhere (values below the grid round stochastically to 0 or min_positive).
+    "optimal": ``fp_error.optimal_format`` -- the least exact expected relative error of OUR
+    formats (IEEE bias, subnormals); ``lognormal.optimal_split`` (Eq. 4 of paper 001) describes the
+    idealised format of Eq. 2 and reproduces the paper's Table 2, but is up to 47% worse here
+    (fp_error.optimal_format's docstring). mu only enters through its fractional binade, which
+    the choice ignores (mu = 0): that and the 1/32-binade sigma grid make the ~0.1 s search a
+    cache hit for every later tensor. (split="eq4", the paper's choice, is in ``choose_format``.)
+    """
+    from gradwire.numerics.fp_error import optimal_format
+
+    return optimal_format(bits, 0.0, sigma_q, rounding)[0].exp_bits
+
+
+def choose_format(bits: int, exp_bits: int | None, rounding: str, fit, scale: str = "optimal_capped",
+                  amax: float = 0.0, split: str = "optimal") -> tuple[Any, int]:
+    """(FPFormat, scale_exp) for data described by ``fit`` (None: nothing known) whose largest
+    finite magnitude is ``amax`` (0: unknown / all zero).
+
+    Scale modes (``e`` below is the power-of-two exponent the values are multiplied by):
+
+    * "optimal": ``fp_error.optimal_scale_exp``, the least expected *relative* error per element
+      (paper 001's criterion). It lets the top tail saturate: measured cosine(x, decode(encode(x)))
+      for stochastic FP6 on lognormal data was 0.54 at sigma_ln = 2 and 0.06 at sigma_ln = 3
+      (bench/results/codec_bytes.md before this change), and saturation -- clamping at max_value --
+      is the one source of bias of stochastic rounding, so the codec was biased on heavy tails.
+    * "optimal_capped" (default): ``min(optimal, amax_scale_exp(amax))``: the analytic optimum,
+      lowered just enough that the current tensor's ``amax`` stays representable. This is the
+      paper's trade-off (001, Sec. 4.4 / App. A.6: "keeps the largest gradients representable but
+      sacrifices the smallest"); with stochastic rounding the codec is then unbiased everywhere
+      (values below the grid round stochastically to 0 or min_positive). Without an amax
+      (all-zero / non-finite tensor) it is "optimal".
+    * "amax": ``amax_scale_exp(amax)`` alone, the largest scale with no saturation.
     """
     from gradwire.numerics.fp import FPFormat, Rounding
     from gradwire.numerics.fp_error import optimal_scale_exp
     from gradwire.numerics.lognormal import optimal_split
 
     sigma = max(fit.sigma_log2, MIN_SIGMA_LOG2) if fit is not None else DEFAULT_SIGMA_LOG2
-    if exp_bits is None:
-        exp_bits, _ = optimal_split(bits, sigma)
+    if exp_bits is None and split == "eq4":
+        exp_bits = optimal_split(bits, sigma)[0]  # cheap and closed-form: the exact sigma
+    elif exp_bits is None:
+        sigma_q = max(MIN_SIGMA_LOG2, round(sigma / SPLIT_SIGMA_STEP) * SPLIT_SIGMA_STEP)
+        exp_bits = _auto_exp_bits(bits, sigma_q, rounding)
     fmt = FPFormat(exp_bits, bits - 1 - exp_bits)
+    cap = amax_scale_exp(amax, fmt.max_value) if amax > 0 and math.isfinite(amax) else None
     if scale == "amax":
-        return fmt, amax_scale_exp(amax, fmt.max_value)
+        return fmt, 0 if cap is None else cap
     if fit is None:
         return fmt, 0
-    e = optimal_scale_exp(fmt, fit.mu_log2, sigma, Rounding(rounding))
-    return fmt, max(-MAX_SCALE_EXP, min(MAX_SCALE_EXP, int(e)))
+    e = int(optimal_scale_exp(fmt, fit.mu_log2, sigma, Rounding(rounding)))
+    if scale == "optimal_capped" and cap is not None:
+        e = min(e, cap)
+    return fmt, max(-MAX_SCALE_EXP, min(MAX_SCALE_EXP, e))
+
+
+def check_split(split: Any) -> str:
+    if split not in SPLIT_MODES:
+        raise ValueError(f"split must be one of {SPLIT_MODES}, got {split!r}")
+    return split
 
 
 def check_scale(scale: Any) -> str:
@@ -163,9 +210,15 @@ class FPCodec(Codec):
             lognormal sigma (the split travels in the header, so a receiver configured with
             ``bits`` only accepts any split of that width).
         rounding: "stochastic" (unbiased, the default for neural gradients) or "nearest".
-        scale: "optimal" (``fp_error.optimal_scale_exp``: least expected relative error, the
-            paper's criterion) or "amax" (no saturation; see ``choose_format``). Sender-side
-            only: the chosen exponent travels in the header.
+        scale: "optimal_capped" (default: the least expected relative error, lowered so that the
+            tensor's amax stays representable), "optimal" (uncapped: the top tail saturates) or
+            "amax"; see ``choose_format`` for the measured reason. Sender-side only: the chosen
+            exponent travels in the header.
+        split: how ``exp_bits=None`` picks the split: "optimal" (``fp_error.optimal_format``, exact
+            error of these formats, default) or "eq4" (paper 001 Eq. 4, ``lognormal.optimal_split``).
+
+    Encoding and decoding run on ``gradwire.ops`` (fused native kernels when loaded, else their
+    pure-PyTorch references; the bytes are the same either way).
     """
 
     name = "fp"
@@ -173,32 +226,38 @@ class FPCodec(Codec):
     fixed_rate = True
 
     def __init__(self, bits: int, exp_bits: int | None = None, rounding: str = "stochastic",
-                 scale: str = "optimal"):
+                 scale: str = "optimal_capped", split: str = "optimal"):
         self.bits = check_bits("bits", bits, 2, 8)
         self.scale = check_scale(scale)
+        self.split = check_split(split)
         self.exp_bits = None if exp_bits is None else check_bits("exp_bits", exp_bits, 1, min(7, bits - 1))
         self.rounding = check_rounding(rounding)
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "bits": self.bits, "exp_bits": self.exp_bits, "rounding": self.rounding,
-                "scale": self.scale}
+                "scale": self.scale, "split": self.split}
 
     def choose(self, x: torch.Tensor, fit: Any | None = None) -> tuple[Any, int]:
         """The (FPFormat, scale_exp) ``encode`` uses for ``x`` and ``fit``."""
-        amax = finite_amax(x) if self.scale == "amax" else 0.0
-        return choose_format(self.bits, self.exp_bits, self.rounding, usable_fit(x, fit), self.scale, amax)
+        amax = finite_amax(x) if self.scale != "optimal" else 0.0
+        return choose_format(self.bits, self.exp_bits, self.rounding, usable_fit(x, fit), self.scale, amax,
+                             self.split)
 
-    def encode(self, x: torch.Tensor, *, seed: int = 0, fit: Any | None = None) -> torch.Tensor:
-        from gradwire.numerics.fp import encode_codes
+    def encode_with_stats(self, x: torch.Tensor, *, seed: int = 0, fit: Any | None = None) -> EncodeResult:
+        """Packet and ``moment_stats(x)`` from one fused ``ops.fp_encode`` pass."""
+        from gradwire import ops
 
         x = check_input(x, self.name)
         fmt, scale_exp = self.choose(x, fit)
-        codes = encode_codes(x, fmt, self.rounding, scale_exp=scale_exp, seed=seed)
-        payload = pack_bits(codes, self.bits)
-        return build_packet(self.codec_id, x.dtype, x.shape, pack_format(fmt, self.rounding, scale_exp), payload)
+        payload, stats = ops.fp_encode(x, fmt, self.rounding, scale_exp=scale_exp, seed=seed)
+        packet = build_packet(self.codec_id, x.dtype, x.shape, pack_format(fmt, self.rounding, scale_exp), payload)
+        return EncodeResult(packet, stats)
+
+    def encode(self, x: torch.Tensor, *, seed: int = 0, fit: Any | None = None) -> torch.Tensor:
+        return self.encode_with_stats(x, seed=seed, fit=fit).packet
 
     def decode(self, packet: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
-        from gradwire.numerics.fp import decode_codes
+        from gradwire import ops
 
         h: Header
         h, payload = parse_packet(packet)
@@ -211,10 +270,12 @@ class FPCodec(Codec):
         check_payload_len(h, packed_nbytes(h.numel, fmt.bits), self.name)
         out = decode_dtype(dtype, h.src_dtype)
         try:
-            codes = unpack_bits(payload, h.numel, fmt.bits)
-        except ValueError as e:
-            raise PacketError(f"{self.name} payload: {e}") from None
-        return decode_codes(codes, fmt, scale_exp=scale_exp).reshape(h.shape).to(out)
+            y = ops.fp_decode(payload, h.numel, fmt, scale_exp=scale_exp, dtype=kernel_dtype(out))
+        except (ValueError, RuntimeError) as e:
+            if "padding" not in str(e):
+                raise
+            raise PacketError(f"{self.name} payload: nonzero padding bits after the last code") from None
+        return y.reshape(h.shape).to(out)
 
     def packed_size(self, shape: Sequence[int], dtype: torch.dtype) -> int:
         dtype_code(dtype)
@@ -222,3 +283,9 @@ class FPCodec(Codec):
         for d in shape:
             n *= int(d)
         return header_size(shape, FORMAT_PARAMS.size) + packed_nbytes(n, self.bits)
+
+
+def kernel_dtype(out: torch.dtype) -> torch.dtype:
+    """The dtype ``ops.fp_decode`` should produce for a decode to ``out``: ``out`` itself when the
+    kernels write it (their cast equals the reference's float32 -> out cast), else float32."""
+    return out if out in (torch.float32, torch.bfloat16, torch.float16) else torch.float32

@@ -125,15 +125,17 @@ class NMCodec(Codec):
                 "rounding": self.rounding, "value_scale": self.value_scale, "dim": self.dim}
 
     def select(self, x: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """The numerics compact form (values, indices) this codec sends."""
+        """The numerics compact form (values, indices) this codec sends: the MVUE selections via
+        ``gradwire.ops.nm_select`` (native kernel when loaded; same bits as ``numerics.nm``),
+        greedy via ``numerics.nm.greedy_nm_select`` (reference only: activations, not hot)."""
+        from gradwire import ops
         from gradwire.numerics import nm
 
         if self.method == "greedy":
             return nm.greedy_nm_select(x, self.n, self.m, dim=self.dim)
-        if self.method == "mvue_approx":
-            return nm.mvue_24_approx_select(x, dim=self.dim, seed=seed)
-        fn = nm.mvue_12_select if self.m == 2 else nm.mvue_24_exact_select
-        return fn(x, dim=self.dim, seed=seed)
+        scheme = "mvue_24_approx" if self.method == "mvue_approx" else (
+            "mvue_12" if self.m == 2 else "mvue_24_exact")
+        return ops.nm_select(x, scheme, dim=self.dim, seed=seed)
 
     def choose(self, values: torch.Tensor) -> tuple[Any, int]:
         """(FPFormat, scale_exp) for the kept values (FP mode only)."""
@@ -146,12 +148,15 @@ class NMCodec(Codec):
         return self.dim % ndim
 
     def encode(self, x: torch.Tensor, *, seed: int = 0, fit: Any | None = None) -> torch.Tensor:
-        from gradwire.numerics.fp import encode_codes
+        from gradwire import ops
         from gradwire.numerics.rng import derive_seed
 
         x = check_input(x, self.name)
-        values, indices = self.select(x, seed)
         dim = self._norm_dim(x.dim())
+        if x.shape[dim] % self.m:
+            raise ValueError(f"N:M blocks of M={self.m} need x.shape[{self.dim}] divisible by {self.m}, "
+                             f"got shape {tuple(x.shape)}")
+        values, indices = self.select(x, seed)
         idx_bits, rank_of_mask, _ = _index_scheme(self.n, self.m)
         flat_idx = indices.reshape(-1, self.n).to(torch.int64)
         if rank_of_mask is not None:
@@ -165,8 +170,8 @@ class NMCodec(Codec):
             fmt_block = FORMAT_PARAMS.pack(0, 0, 0, 0, 0, 0)
         else:
             fmt, scale_exp = self.choose(values)
-            codes = encode_codes(values, fmt, self.rounding, scale_exp=scale_exp, seed=derive_seed(seed, 1))
-            val_bytes = pack_bits(codes, fmt.bits)
+            val_bytes, _ = ops.fp_encode(values, fmt, self.rounding, scale_exp=scale_exp,
+                                         seed=derive_seed(seed, 1))
             fmt_block = pack_format(fmt, self.rounding, scale_exp)
         params = NM_PARAMS.pack(self.n, self.m, _METHOD_CODES[self.method], dim,
                                 int(self.value_bits is not None), *FORMAT_PARAMS.unpack(fmt_block))
@@ -180,7 +185,7 @@ class NMCodec(Codec):
         return [(blocks * idx_bits + 7) // 8, vals]  # metadata, values
 
     def decode(self, packet: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
-        from gradwire.numerics.fp import decode_codes
+        from gradwire import ops
         from gradwire.numerics.nm import scatter_blocks
 
         h, payload = parse_packet(packet)
@@ -226,10 +231,12 @@ class NMCodec(Codec):
                 if blocks and (int(indices.max()) >= m or bool((indices.diff(dim=1) <= 0).any())):
                     raise ValueError("block indices must be ascending and < m")
             if fmt is not None:
-                values = decode_codes(unpack_bits(vals, blocks * n, fmt.bits), fmt, scale_exp=scale_exp)
+                values = ops.fp_decode(vals, blocks * n, fmt, scale_exp=scale_exp, dtype=torch.float32)
             else:
                 values = vals.clone().view(h.src_dtype).float()
-        except ValueError as e:
+        except (ValueError, RuntimeError) as e:
+            if isinstance(e, RuntimeError) and "padding" not in str(e):
+                raise
             raise PacketError(f"nm payload: {e}") from None
         moved = h.shape[:dim] + h.shape[dim + 1:] + (h.shape[dim] // m, n)
         return scatter_blocks(values.reshape(moved), indices.to(torch.uint8).reshape(moved), m, h.shape, dim, out)

@@ -20,6 +20,9 @@ replaced by ``numerics.fp.quantize(y, fmt, rounding, scale_exp=e, seed=rng.deriv
 (flat element index as counter; the derived seed keeps rounding independent of the pruning draws).
 ``e`` is the largest power of two that keeps the largest finite kept magnitude within
 ``fmt.max_value`` (kept values are the upper tail, so the scale is anchored at the top).
+
+Kernels: pruning, FP coding and packing run on ``gradwire.ops`` (``stochastic_prune``,
+``fp_encode`` / ``fp_decode``, ``pack_bits``): native when loaded, same bytes either way.
 """
 from __future__ import annotations
 
@@ -110,13 +113,12 @@ class PruneCodec(Codec):
         return effective_alpha(alpha, x.dtype)
 
     def encode(self, x: torch.Tensor, *, seed: int = 0, fit: Any | None = None) -> torch.Tensor:
-        from gradwire.numerics.fp import encode_codes
-        from gradwire.numerics.pruning import stochastic_prune
+        from gradwire import ops
         from gradwire.numerics.rng import derive_seed
 
         x = check_input(x, self.name)
         a = self.threshold(x, fit)
-        y = stochastic_prune(x, a, seed=seed).reshape(-1)
+        y = ops.stochastic_prune(x, a, seed=seed).reshape(-1)
         nonzero = y != 0  # NaN != 0: non-finite entries are nonzero
         yf = y.float()
         is_alpha = (yf.abs() == a) & nonzero if a > 0 else torch.zeros_like(nonzero)
@@ -133,7 +135,10 @@ class PruneCodec(Codec):
             finite = kv[torch.isfinite(kv)]
             amax = float(finite.abs().max()) if finite.numel() else 0.0
             scale_exp = amax_scale_exp(amax, fmt.max_value)
-            codes = encode_codes(y, fmt, self.rounding, scale_exp=scale_exp, seed=derive_seed(seed, 1))
+            # The rounding counter is the flat index into y (not into the kept values), so the
+            # whole of y goes through the fused kernel and the kept codes are picked afterwards.
+            packed, _ = ops.fp_encode(y, fmt, self.rounding, scale_exp=scale_exp, seed=derive_seed(seed, 1))
+            codes = packed if fmt.bits == 8 else ops.unpack_bits(packed, fmt.bits, y.numel())
             sections.append(pack_bits(codes[kept], fmt.bits))
             fmt_block = pack_format(fmt, self.rounding, scale_exp)
         params = PRUNE_PARAMS.pack(a, int(self.kept_bits is not None), *FORMAT_PARAMS.unpack(fmt_block),
@@ -141,7 +146,7 @@ class PruneCodec(Codec):
         return build_packet(self.codec_id, x.dtype, x.shape, params, torch.cat(sections))
 
     def decode(self, packet: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
-        from gradwire.numerics.fp import decode_codes
+        from gradwire import ops
 
         h, payload = parse_packet(packet)
         check_codec_id(h, self.codec_id, self.name)
@@ -172,18 +177,19 @@ class PruneCodec(Codec):
             nonzero = unpack_bits(parts[0], n, 1).bool()
             is_alpha = unpack_bits(parts[1], nnz, 1).bool()
             neg = unpack_bits(parts[2], n_alpha, 1).bool()
-            kept_codes = unpack_bits(parts[3], n_kept, fmt.bits) if has_fmt else None
-        except ValueError as e:
+            if has_fmt:
+                kept_vals = ops.fp_decode(parts[3], n_kept, fmt, scale_exp=scale_exp, dtype=torch.float32)
+            else:
+                kept_vals = parts[3].clone().view(h.src_dtype).float()
+        except (ValueError, RuntimeError) as e:
+            if isinstance(e, RuntimeError) and "padding" not in str(e):
+                raise
             raise PacketError(f"prune payload: {e}") from None
         if int(nonzero.sum()) != nnz or int(is_alpha.sum()) != n_alpha:
             raise PacketError(
                 f"prune payload: bitmaps hold {int(nonzero.sum())} nonzeros / {int(is_alpha.sum())} "
                 f"alpha entries, header says {nnz} / {n_alpha}"
             )
-        if has_fmt:
-            kept_vals = decode_codes(kept_codes, fmt, scale_exp=scale_exp)
-        else:
-            kept_vals = parts[3].clone().view(h.src_dtype).float()
         nz_vals = torch.empty(nnz, dtype=torch.float32, device=payload.device)
         a_t = torch.tensor(a, dtype=torch.float32, device=payload.device)
         nz_vals[is_alpha] = torch.where(neg, -a_t, a_t)

@@ -9,7 +9,7 @@ from gradwire.codec import PacketError
 from gradwire.codec.fp import DEFAULT_SIGMA_LOG2, FORMAT_PARAMS, FPCodec
 from gradwire.codec.header import header_size, parse_packet
 from gradwire.numerics.fp import FPFormat, quantize
-from gradwire.numerics.fp_error import optimal_scale_exp
+from gradwire.numerics.fp_error import optimal_format, optimal_scale_exp
 from gradwire.numerics.lognormal import LognormalFit, fit_lognormal, optimal_split
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -31,21 +31,39 @@ def same(a, b):
     torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
+def auto_exp_bits(bits, sigma_log2, rounding):
+    """The documented automatic split: optimal_format at sigma rounded to 1/32 binade, mu = 0."""
+    return optimal_format(bits, 0.0, max(1 / 16, round(sigma_log2 * 32) / 32), rounding)[0].exp_bits
+
+
+def capped(fmt, opt, amax):
+    """min(optimal, floor(log2(max_value / amax))), computed independently of the codec."""
+    return min(opt, math.floor(math.log2(fmt.max_value / amax)))
+
+
 @pytest.mark.parametrize("bits", [4, 5, 6, 7, 8])
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_equals_numerics_reference(bits, rounding, dtype):
     x = lognormal((7, 33), seed=bits, dtype=dtype)
+    fit = fit_lognormal(x)
+    amax = float(x.float().abs().max())
+    # default: optimal_format split, analytic optimal scale capped at amax
     c = FPCodec(bits, rounding=rounding)
     p = c.encode(x, seed=123)
     fmt, scale_exp = sent_format(p)
-    fit = fit_lognormal(x)
-    # the choice is the documented one: Eq. 4 split for the fitted sigma, analytic optimal scale
-    assert (fmt.exp_bits, fmt.man_bits) == optimal_split(bits, fit.sigma_log2)
-    assert scale_exp == optimal_scale_exp(fmt, fit.mu_log2, fit.sigma_log2, rounding)
+    assert fmt.exp_bits == auto_exp_bits(bits, fit.sigma_log2, rounding)
+    assert scale_exp == capped(fmt, optimal_scale_exp(fmt, fit.mu_log2, fit.sigma_log2, rounding), amax)
     same(c.decode(p), quantize(x, fmt, rounding, scale_exp=scale_exp, seed=123))
     same(c.decode(p, dtype=torch.float32), quantize(x.float(), fmt, rounding, scale_exp=scale_exp, seed=123))
     assert p.numel() == c.packed_size(x.shape, dtype) == header_size((7, 33), FORMAT_PARAMS.size) + math.ceil(231 * bits / 8)
+    # the paper's choices: Eq. 4 split for the fitted sigma, uncapped analytic optimal scale
+    c = FPCodec(bits, rounding=rounding, scale="optimal", split="eq4")
+    p = c.encode(x, seed=123)
+    fmt, scale_exp = sent_format(p)
+    assert (fmt.exp_bits, fmt.man_bits) == optimal_split(bits, fit.sigma_log2)
+    assert scale_exp == optimal_scale_exp(fmt, fit.mu_log2, fit.sigma_log2, rounding)
+    same(c.decode(p), quantize(x, fmt, rounding, scale_exp=scale_exp, seed=123))
 
 
 @settings(max_examples=60, deadline=None)
@@ -69,10 +87,15 @@ def test_property_round_trip(shape, dtype, bits, data, rounding, seed, sigma, mu
 def test_fit_argument_drives_the_choice():
     x = lognormal(1000, seed=1)
     fit = LognormalFit(mu_log2=-30.0, sigma_log2=1.0, zero_fraction=0.0, nonfinite_count=0, numel=1000)
-    c = FPCodec(6)
+    c = FPCodec(6, scale="optimal", split="eq4")
     fmt, scale_exp = sent_format(c.encode(x, fit=fit))
     assert (fmt.exp_bits, fmt.man_bits) == optimal_split(6, 1.0)
     assert scale_exp == optimal_scale_exp(fmt, -30.0, 1.0, "stochastic")
+    # default: the fit picks the split and the uncapped optimum; x's amax caps it (here it binds)
+    fmt, scale_exp = sent_format(FPCodec(6).encode(x, fit=fit))
+    assert fmt.exp_bits == auto_exp_bits(6, 1.0, "stochastic")
+    opt = optimal_scale_exp(fmt, -30.0, 1.0, "stochastic")
+    assert scale_exp == capped(fmt, opt, float(x.abs().max())) < opt
     # an unusable fit (no finite nonzero entries seen) falls back to fitting x
     bad = LognormalFit(math.nan, math.nan, 1.0, 0, 10)
     assert sent_format(c.encode(x, fit=bad)) == sent_format(c.encode(x))
@@ -83,7 +106,7 @@ def test_degenerate_tensors():
     for x in [torch.zeros(()), torch.zeros(0), torch.zeros(3, 0, 2), torch.zeros(5), torch.full((4,), math.nan)]:
         p = c.encode(x)
         fmt, scale_exp = sent_format(p)
-        assert scale_exp == 0 and (fmt.exp_bits, fmt.man_bits) == optimal_split(6, DEFAULT_SIGMA_LOG2)
+        assert scale_exp == 0 and fmt.exp_bits == auto_exp_bits(6, DEFAULT_SIGMA_LOG2, "stochastic")
         same(c.decode(p), quantize(x, fmt, "stochastic", scale_exp=0))
 
 
@@ -93,7 +116,8 @@ def test_constant_magnitude_tensors():
         c = FPCodec(4)
         p = c.encode(x)
         fmt, scale_exp = sent_format(p)
-        assert scale_exp == optimal_scale_exp(fmt, fit_lognormal(x).mu_log2, 1 / 16, "stochastic")
+        opt = optimal_scale_exp(fmt, fit_lognormal(x).mu_log2, 1 / 16, "stochastic")
+        assert scale_exp == capped(fmt, opt, float(x.abs().max()))
         y = c.decode(p)
         same(y, quantize(x, fmt, "stochastic", scale_exp=scale_exp))
         assert (y == 0).sum() == 0  # no flush to zero

@@ -128,7 +128,7 @@ def test_registry_builds_and_round_trips_configs():
 def test_registry_errors():
     with pytest.raises(ValueError, match=r"unknown codec 'fp7'; known codecs: \['bf16', 'fp'"):
         build_codec({"name": "fp7"})
-    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['bit'\]; accepted: \['bits', 'exp_bits', 'rounding', 'scale'\]"):
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['bit'\]; accepted: \['bits', 'exp_bits', 'rounding', 'scale', 'split'\]"):
         build_codec("fp", bit=6)
     with pytest.raises(ValueError, match="'name'"):
         build_codec({"bits": 6})
