@@ -28,28 +28,56 @@ class WireRow:
     fmt: str
 
 
+def _sigma_log2_tensor(x: torch.Tensor) -> torch.Tensor:
+    """0-d float32 tensor on ``x.device``: the sample standard deviation of log2|x| over the
+    finite nonzero entries (NaN with fewer than two), computed with masks rather than boolean
+    indexing, which would read the count back to the host (a device synchronisation)."""
+    a = x.detach().float().abs().reshape(-1)
+    m = (a > 0) & torch.isfinite(a)
+    n = m.sum()
+    lg = torch.where(m, torch.log2(torch.where(m, a, torch.ones_like(a))), torch.zeros_like(a))
+    mean = lg.sum() / n.clamp(min=1)
+    var = (torch.where(m, lg - mean, torch.zeros_like(a)) ** 2).sum() / (n - 1).clamp(min=1)
+    return torch.where(n >= 2, var.sqrt(), torch.full_like(var, float("nan")))
+
+
 def sigma_log2(x: torch.Tensor) -> float:
     """Standard deviation of log2|x| over finite nonzero entries (paper 001, Eq. 2-4 units)."""
-    a = x.detach().float().abs().reshape(-1)
-    a = a[(a > 0) & torch.isfinite(a)]
-    if a.numel() < 2:
-        return float("nan")
-    return float(torch.log2(a).std())
+    return float(_sigma_log2_tensor(x))
 
 
 class WireLog:
+    """Rows of wire telemetry. ``record`` never synchronises a GPU: a row's sigma stays a device
+    scalar until ``rows`` is read (end of a step or of the run), when all pending sigmas are
+    copied to the host at once."""
+
     def __init__(self) -> None:
-        self.rows: list[WireRow] = []
+        self._rows: list[WireRow] = []
+        self._pending: list[tuple[tuple, torch.Tensor]] = []  # (row fields but sigma, sigma)
+
+    @property
+    def rows(self) -> list[WireRow]:
+        if self._pending:
+            sig = torch.stack([t.to("cpu", torch.float64) for _, t in self._pending]).tolist()
+            for (f, _), sg in zip(self._pending, sig):
+                self._rows.append(WireRow(*f[:5], sg, f[5]))
+            self._pending = []
+        return self._rows
 
     def record(self, step: int, boundary: int, x: torch.Tensor, packet: torch.Tensor,
                predicted: int, fmt: str, sent_bytes: int | None = None) -> None:
         sent = int(packet.numel()) if sent_bytes is None else int(sent_bytes)
-        self.rows.append(WireRow(int(step), int(boundary), x.numel() * x.element_size(), sent,
-                                 int(predicted), sigma_log2(x), fmt))
+        fields = (int(step), int(boundary), x.numel() * x.element_size(), sent, int(predicted), fmt)
+        if x.device.type == "cpu":
+            _ = self.rows  # keep row order
+            self._rows.append(WireRow(*fields[:5], sigma_log2(x), fmt))
+        else:
+            self._pending.append((fields, _sigma_log2_tensor(x)))
 
     def extend(self, rows: Iterable[WireRow | dict]) -> None:
+        mine = self.rows  # pending rows first, in recording order
         for r in rows:
-            self.rows.append(r if isinstance(r, WireRow) else WireRow(**r))
+            mine.append(r if isinstance(r, WireRow) else WireRow(**r))
 
     def per_step(self) -> dict[int, dict[str, int]]:
         """step -> {"raw": bytes, "sent": bytes, "predicted": bytes} summed over boundaries."""
