@@ -115,11 +115,10 @@ class ReduceScatterToSequenceParallel(torch.autograd.Function):
         p = dist.get_world_size(comm.group)
         if x.shape[0] % p:
             raise ValueError(f"sequence length {x.shape[0]} is not divisible by the TP size {p}")
-        y = torch.empty_like(x.chunk(p, dim=0)[0])
-        # exact sum through an all-reduce then a slice: gloo has no reduce_scatter
-        full = x.clone()
-        dist.all_reduce(full, group=comm.group)
-        y.copy_(full.chunk(p, dim=0)[dist.get_rank(comm.group)])
+        # a real reduce-scatter (NCCL, and gloo since torch 2.x): each rank receives only its
+        # slice, (p-1)/p of the bytes of an all-reduce followed by a slice
+        y = x.new_empty((x.shape[0] // p, *x.shape[1:]))
+        dist.reduce_scatter_tensor(y, x.contiguous(), group=comm.group)
         return y
 
     @staticmethod
