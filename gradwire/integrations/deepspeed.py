@@ -54,6 +54,17 @@ def _registry_config(spec: CodecSpec) -> dict[str, Any]:
     return d
 
 
+def check_heterogeneous(cfg: GradwireConfig, num_stages: int) -> None:
+    """Heterogeneous sparsity needs every boundary's fit in one place (``policy.
+    allocate_heterogeneous``); the engine's boundaries live on different ranks and nothing
+    gathers their fits, so with more than one boundary it would silently run the uniform budget.
+    Refuse instead, naming the key."""
+    if num_stages > 2 and any(cfg.codec_for(b).heterogeneous for b in range(num_stages - 1)):
+        raise ConfigError("gradwire.codec.heterogeneous: the DeepSpeed pipeline engine does not "
+                          "allocate sparsity across boundaries on different ranks; set "
+                          "\"heterogeneous\": false (or use the single-process in-process stages)")
+
+
 def make_policy(cfg: GradwireConfig, boundary: int):
     """The ``policy.BoundaryPolicy`` of one pipeline boundary: its codec, the refresh schedule of
     its lognormal fit, warm-up steps, and seeds ``derive_seed(cfg.seed, step, boundary)``."""
@@ -122,6 +133,7 @@ class GradwirePipelineEngine(_PipelineEngine):
         super().__init__(*args, **kwargs)
         cfg = self.gradwire_config
         cfg.check_boundaries(self.num_stages)
+        check_heterogeneous(cfg, self.num_stages)
         self.wire_log = WireLog()
         self.gradwire_bytes_sent = 0  # packet bytes (+ length prefixes) this rank sent
         self.gradwire_bytes_received = 0
@@ -314,6 +326,8 @@ def initialize(*, model, config: Mapping[str, Any] | str, **kwargs):
     if not isinstance(model, PipelineModule):
         raise TypeError("gradwire.integrations.deepspeed.initialize compresses pipeline boundaries: "
                         f"model must be a deepspeed.pipe.PipelineModule, got {type(model).__name__}")
+    if isinstance(getattr(model, "num_stages", None), int):
+        check_heterogeneous(gw, model.num_stages)
     if gw.data_parallel is not None and gw.data_parallel.name != "none":
         zero = ds_config.get("zero_optimization", {}).get("stage", 0)
         if zero or ds_config.get("bf16", {}).get("enabled", False):

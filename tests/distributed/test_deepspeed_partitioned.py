@@ -71,3 +71,20 @@ def test_unpartitioned_gradients_follow_deepspeed_order():
     assert [t is g for t, g in zip(_engine((a, ids, b, mask), False, True)._grads_to_send(0),
                                    (a.grad, b.grad))] == [True, True]
     assert _engine(a, False, False)._grads_to_send(0)[0] is a.grad
+
+
+def test_heterogeneous_sparsity_across_ranks_is_refused_not_ignored():
+    from deepspeed.pipe import PipelineModule
+
+    from gradwire.config import ConfigError
+
+    class Fake(PipelineModule):
+        def __init__(self, stages):  # no process group: initialize fails before using one
+            torch.nn.Module.__init__(self)
+            self.num_stages = stages
+
+    section = {"codec": {"name": "prune", "sparsity": 0.9, "heterogeneous": True}}
+    with pytest.raises(ConfigError, match="heterogeneous"):
+        gw_ds.initialize(model=Fake(3), config={"gradwire": section})
+    # one boundary: the allocation is trivially the budget, nothing to refuse
+    gw_ds.check_heterogeneous(gw_ds.parse_gradwire(section), 2)
