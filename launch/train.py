@@ -315,6 +315,13 @@ def main(argv=None) -> int:
             codec_from_spec(gw.data_parallel)
         if tp > 1:
             codec_from_spec(_tp_codec(gw))
+        if tp > 1 and world // (stages * tp) > 1 and gw.data_parallel is not None and gw.data_parallel.name == "fp":
+            # Measured: with an fp codec the TP ranks' replicated weights drift apart (see docs).
+            raise ConfigError("gradwire.data_parallel: an 'fp' codec chooses its scale per packet, and "
+                              "DeepSpeed's gradient buckets mix each TP rank's own shards with the "
+                              "replicated parameters, so TP ranks would round their replicated "
+                              "gradients differently and drift apart; with --tp > 1 use 'bf16' or "
+                              "'none' for data_parallel, or run without data-parallel replicas")
     except ConfigError as e:
         print(f"train.py: configuration error: {e}", file=sys.stderr)
         return 2

@@ -123,15 +123,22 @@ def _train_main():
     return train
 
 
-@pytest.mark.parametrize("extra, world, expect", [
-    (["--tp", "2"], "1", "tensor parallelism 2 needs stages x 2 ranks"),
-    (["--tp", "2", "--stages", "2"], "6", "2 pipeline stages x 2 tensor-parallel ranks = 4 does not divide the 6 ranks"),
-    (["--tp", "3", "--stages", "1"], "3", "--heads 4 is not divisible by tensor-parallel size 3"),
-    (["--tp", "0"], "2", "--tp must be >= 1"),
+FP6 = {"codec": {"name": "fp", "bits": 6}}
+
+
+@pytest.mark.parametrize("section, extra, world, expect", [
+    (FP6, ["--tp", "2"], "1", "tensor parallelism 2 needs stages x 2 ranks"),
+    (FP6, ["--tp", "2", "--stages", "2"], "6", "2 pipeline stages x 2 tensor-parallel ranks = 4 does not divide the 6 ranks"),
+    (FP6, ["--tp", "3", "--stages", "1"], "3", "--heads 4 is not divisible by tensor-parallel size 3"),
+    (FP6, ["--tp", "0"], "2", "--tp must be >= 1"),
+    # 1 stage x TP 2 x 2 replicas with an fp data-parallel codec: measured to let the TP ranks'
+    # replicated weights drift apart (per-packet scales over buckets that mix shards), so refused
+    ({**FP6, "data_parallel": {"name": "fp", "bits": 8}}, ["--tp", "2", "--stages", "1"], "4",
+     "with --tp > 1 use 'bf16' or 'none' for data_parallel"),
 ])
-def test_bad_tp_layouts_fail_before_training(tmp_path, extra, world, expect, capsys, monkeypatch):
+def test_bad_tp_layouts_fail_before_training(tmp_path, section, extra, world, expect, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", world)
-    cfg = _write(tmp_path, {"codec": {"name": "fp", "bits": 6}})
+    cfg = _write(tmp_path, section)
     rc = _train_main().main(["--config", cfg, "--report-dir", str(tmp_path / "r"), "--steps", "5", *extra])
     err = capsys.readouterr().err
     assert rc == 2, err
