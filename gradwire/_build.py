@@ -33,8 +33,9 @@ FORCE_REFERENCE_ENV = "GRADWIRE_FORCE_REFERENCE"
 BUILD_DIR_ENV = "GRADWIRE_BUILD_DIR"
 
 # -O3 and no -march=native (the cache may be shared between machines) and no -ffast-math
-# (bit-exactness with the reference needs IEEE semantics). OpenMP drives at::parallel_for.
-CPU_CFLAGS = ["-O3", "-std=c++17", "-fopenmp"]
+# (bit-exactness with the reference needs IEEE semantics; -ffp-contract=off keeps a*b+c two
+# roundings in the vectorised AVX2/AVX-512 clones too). OpenMP drives at::parallel_for.
+CPU_CFLAGS = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]
 CPU_LDFLAGS = ["-fopenmp"]
 NVCC_FLAGS = ["-O3", "-std=c++17"]
 

@@ -74,14 +74,19 @@ GW_HD bool nm_special(const float* x, int m, int n, float s, float* val, uint8_t
   return true;
 }
 
-// One block: x[0..M-1] (float32), outputs N values and ascending indices.
-GW_HD void nm_block(const float* x, int scheme, RngKeys keys, uint64_t ctr, float* val, uint8_t* idx) {
+// One block: x[0..M-1] (float32), outputs N values and ascending indices. u1, u2 are the
+// block's uniforms, drawn by the caller (so a CPU kernel can hash many blocks at once, vectorised):
+//   1:2 and exact 2:4: u1 = uniform01(seed, ctr) (u2 unused);
+//   approx 2:4:        u1 = uniform01(seed, 2 ctr), u2 = uniform01(seed, 2 ctr + 1).
+// Drawing them eagerly (also for blocks that rules 1-2 settle) changes no result: they are pure
+// functions of (seed, counter).
+GW_HD void nm_block_u(const float* x, int scheme, float u1, float u2, float* val, uint8_t* idx) {
   if (scheme == NM_MVUE12) {
     const float a0 = f32_from_bits(f32_bits(x[0]) & 0x7FFFFFFFu);
     const float a1 = f32_from_bits(f32_bits(x[1]) & 0x7FFFFFFFu);
     const float s = a0 + a1;
     if (nm_special(x, 2, 1, s, val, idx)) return;
-    const float u = uniform01(keys, ctr);
+    const float u = u1;
     const int keep = (u * s < a0 || a1 == 0.0f) ? 0 : 1;
     idx[0] = static_cast<uint8_t>(keep);
     val[0] = copysign_f(s, x[keep]);
@@ -93,7 +98,7 @@ GW_HD void nm_block(const float* x, int scheme, RngKeys keys, uint64_t ctr, floa
   const float s = c[3];
   if (nm_special(x, 4, 2, s, val, idx)) return;
   if (scheme == NM_MVUE24_EXACT) {
-    const float u = uniform01(keys, ctr);
+    const float u = u1;
     int m = 0;
     for (int k = 1; k < 4; ++k)
       if (a[k] > a[m]) m = k;
@@ -121,8 +126,6 @@ GW_HD void nm_block(const float* x, int scheme, RngKeys keys, uint64_t ctr, floa
     return;
   }
   // NM_MVUE24_APPROX
-  const float u1 = uniform01(keys, 2 * ctr);
-  const float u2 = uniform01(keys, 2 * ctr + 1);
   int i = first4(c, u1 * s);
   if (i == 4) i = highest_positive4(a, -1);
   float ao[4], co[4];
@@ -150,6 +153,14 @@ GW_HD void nm_block(const float* x, int scheme, RngKeys keys, uint64_t ctr, floa
   const float vi = copysign_f(s / w[i], x[i]);
   const float vj = r == 0.0f ? 0.0f : copysign_f(s / w[j], x[j]);
   pair_out(i, vi, j, vj, val, idx);
+}
+
+// One block with its uniforms drawn here from (seed, block counter ctr): the CUDA kernels' entry.
+GW_HD void nm_block(const float* x, int scheme, RngKeys keys, uint64_t ctr, float* val, uint8_t* idx) {
+  const bool approx = scheme == NM_MVUE24_APPROX;
+  const float u1 = uniform01(keys, approx ? 2 * ctr : ctr);
+  const float u2 = approx ? uniform01(keys, 2 * ctr + 1) : 0.0f;
+  nm_block_u(x, scheme, u1, u2, val, idx);
 }
 
 }  // namespace gradwire

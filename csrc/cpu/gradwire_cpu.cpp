@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstring>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "../common/fp_codec.h"
@@ -24,6 +25,15 @@ namespace gradwire {
 namespace {
 
 constexpr int64_t kChunk = int64_t(1) << 16;
+
+// Loops written to auto-vectorise get an AVX-512 and an AVX2 copy besides the baseline one,
+// picked at load time (no -march flag: the binary stays portable). Same results in every copy:
+// integer math, and float32 operations without contraction (-ffp-contract=off in _build.py).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define GW_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define GW_SIMD_CLONES
+#endif
 
 // Store the `nb` packed bytes of one group of 8 codes. While 8 bytes fit before `limit` (the
 // end of the bytes this thread's range owns), store the whole word (one constant-size store
@@ -168,10 +178,7 @@ void fp_encode_chunks(const T* x, uint8_t* out, int64_t n, const FpParams& p, Rn
 // r24 = random_u32(seed, first + j) >> 8 for j < count. Baseline x86-64 (SSE2) has no 32-bit
 // vector multiply, so the hash would run scalar; target_clones compiles an AVX2 copy too and
 // picks it at load time (no -march flag, the binary stays portable). Same integer results.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-__attribute__((target_clones("avx2", "default")))
-#endif
-void hash_r24_block(RngKeys keys, uint64_t first, int count, uint32_t* out) {
+GW_SIMD_CLONES void hash_r24_block(RngKeys keys, uint64_t first, int count, uint32_t* out) {
   const uint32_t lo0 = static_cast<uint32_t>(first);
   const uint32_t hi = static_cast<uint32_t>(first >> 32);
   if (static_cast<uint64_t>(lo0) + static_cast<uint64_t>(count) <= 0x100000000ull) {
@@ -508,6 +515,24 @@ at::Tensor moment_stats_cpu(const at::Tensor& x_in) {
   return merge_stats(parts);
 }
 
+
+// prune_one_u on bit patterns, branch-free so the loop vectorises: U is uint32_t (float32, kShift
+// 0) or uint16_t (bfloat16, kShift 16: a bf16 is the top half of a float32). The result x, +-a or
+// +0 is written as bits: a is already rounded to the input dtype (its low 16 bits are 0 for
+// bf16), so `>> kShift` is exact, as the cast back to T is in prune_one_u.
+template <typename U, int kShift>
+GW_SIMD_CLONES void prune_bits(const U* x, U* y, int cnt, float a, const uint32_t* r24) {
+  const uint32_t abits = f32_bits(a);
+  for (int j = 0; j < cnt; ++j) {
+    const uint32_t xb = static_cast<uint32_t>(x[j]) << kShift;
+    const float ax = f32_from_bits(xb & 0x7FFFFFFFu);
+    // eps = uniform01 (r24 < 2**24: exact in float, and in int32, which vectorises), t = a * eps.
+    const float t = a * (static_cast<float>(static_cast<int32_t>(r24[j])) * 5.9604644775390625e-08f);
+    const uint32_t low = (ax >= t && ax > 0.0f) ? (abits | (xb & 0x80000000u)) : 0u;
+    y[j] = static_cast<U>(((ax <= a) ? low : xb) >> kShift);
+  }
+}
+
 template <typename T>
 void prune_range(const T* x, T* y, int64_t begin, int64_t end, float a, RngKeys keys,
                  uint64_t offset) {
@@ -516,9 +541,17 @@ void prune_range(const T* x, T* y, int64_t begin, int64_t end, float a, RngKeys 
   for (int64_t i0 = begin; i0 < end; i0 += kBlock) {
     const int cnt = static_cast<int>(std::min<int64_t>(kBlock, end - i0));
     hash_r24_block(keys, offset + static_cast<uint64_t>(i0), cnt, rbuf);
-    for (int j = 0; j < cnt; ++j) {
-      const float eps = static_cast<float>(rbuf[j]) * 5.9604644775390625e-08f;  // uniform01
-      y[i0 + j] = static_cast<T>(prune_one_u(to_f32(x[i0 + j]), a, eps));
+    if constexpr (std::is_same<T, c10::BFloat16>::value) {
+      prune_bits<uint16_t, 16>(reinterpret_cast<const uint16_t*>(x + i0),
+                               reinterpret_cast<uint16_t*>(y + i0), cnt, a, rbuf);
+    } else if constexpr (std::is_same<T, float>::value) {
+      prune_bits<uint32_t, 0>(reinterpret_cast<const uint32_t*>(x + i0),
+                              reinterpret_cast<uint32_t*>(y + i0), cnt, a, rbuf);
+    } else {
+      for (int j = 0; j < cnt; ++j) {
+        const float eps = static_cast<float>(rbuf[j]) * 5.9604644775390625e-08f;  // uniform01
+        y[i0 + j] = static_cast<T>(prune_one_u(to_f32(x[i0 + j]), a, eps));
+      }
     }
   }
 }
@@ -546,6 +579,42 @@ at::Tensor stochastic_prune_cpu(const at::Tensor& x_in, double alpha, int64_t se
   return y;
 }
 
+#include "nm_lanes.h"  // nm12_lanes, nm24e_lanes, nm24a_lanes
+
+// Blocks [b0, b1): per batch, hash the blocks' uniforms (vectorised, hash_r24_block), widen the
+// input to float32 (a bf16/fp16 input is never copied to a float32 tensor), run the lanes, then
+// redo the flagged blocks with nm_block_u (rules 1-2).
+template <typename T>
+void nm_range(const T* x, int sch, int m, int n, RngKeys keys, uint64_t off, int64_t b0,
+              int64_t b1, float* pv, uint8_t* pi) {
+  constexpr int kNmBatch = 256;
+  uint32_t r[2 * kNmBatch];
+  float xf[4 * kNmBatch];
+  uint8_t sp[kNmBatch];
+  const bool approx = sch == NM_MVUE24_APPROX;
+  constexpr float k2m24 = 5.9604644775390625e-08f;  // uniform01 = r24 * 2**-24
+  for (int64_t bb = b0; bb < b1; bb += kNmBatch) {
+    const int cnt = static_cast<int>(std::min<int64_t>(kNmBatch, b1 - bb));
+    const uint64_t ctr = off + static_cast<uint64_t>(bb);
+    // approx 2:4 draws counters 2 ctr and 2 ctr + 1: one contiguous run (mod 2**64, as nm_block).
+    if (approx) hash_r24_block(keys, 2 * ctr, 2 * cnt, r);
+    else hash_r24_block(keys, ctr, cnt, r);
+    const T* xb = x + bb * m;
+    for (int e = 0; e < cnt * m; ++e) xf[e] = to_f32(xb[e]);
+    float* v = pv + bb * n;
+    uint8_t* ix = pi + bb * n;
+    if (sch == NM_MVUE12) nm12_lanes(xf, r, cnt, v, ix, sp);
+    else if (sch == NM_MVUE24_EXACT) nm24e_lanes(xf, r, cnt, v, ix, sp);
+    else nm24a_lanes(xf, r, cnt, v, ix, sp);
+    for (int k = 0; k < cnt; ++k) {
+      if (!sp[k]) continue;
+      const float u1 = static_cast<float>(approx ? r[2 * k] : r[k]) * k2m24;
+      const float u2 = approx ? static_cast<float>(r[2 * k + 1]) * k2m24 : 0.0f;
+      nm_block_u(xf + k * m, sch, u1, u2, v + k * n, ix + k * n);
+    }
+  }
+}
+
 // MVUE N:M compact form of x, whose last dim holds consecutive blocks of M (the wrapper moves
 // the block dim last): values float32 [nb, N], indices uint8 [nb, N], block counter offset + b.
 std::tuple<at::Tensor, at::Tensor> nm_select_cpu(const at::Tensor& x_in, int64_t scheme,
@@ -557,19 +626,20 @@ std::tuple<at::Tensor, at::Tensor> nm_select_cpu(const at::Tensor& x_in, int64_t
   const int m = scheme == 0 ? 2 : 4, n = scheme == 0 ? 1 : 2;
   TORCH_CHECK(x_in.numel() % m == 0, "gradwire::nm_select: numel ", x_in.numel(),
               " is not a multiple of the block size ", m);
-  const at::Tensor x = x_in.contiguous().to(at::kFloat);
+  const at::Tensor x = x_in.contiguous();
   const int64_t nb = x.numel() / m;
-  at::Tensor val = at::empty({nb, n}, x.options());
+  at::Tensor val = at::empty({nb, n}, x.options().dtype(at::kFloat));
   at::Tensor idx = at::empty({nb, n}, x.options().dtype(at::kByte));
-  const float* px = x.data_ptr<float>();
   float* pv = val.data_ptr<float>();
   uint8_t* pi = idx.data_ptr<uint8_t>();
   const RngKeys keys = rng_keys(static_cast<uint32_t>(seed));
   const uint64_t off = static_cast<uint64_t>(offset);
   const int sch = static_cast<int>(scheme);
-  at::parallel_for(0, nb, 8192, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b)
-      nm_block(px + b * m, sch, keys, off + static_cast<uint64_t>(b), pv + b * n, pi + b * n);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "nm_select", [&] {
+    const scalar_t* px = x.data_ptr<scalar_t>();
+    at::parallel_for(0, nb, 16384, [&](int64_t b0, int64_t b1) {
+      nm_range(px, sch, m, n, keys, off, b0, b1, pv, pi);
+    });
   });
   return {val, idx};
 }

@@ -70,3 +70,19 @@ def test_nm_unbiased_on_dominant_block(scheme):
     mean, sd = dense.mean(0), dense.std(0)
     for k, target in enumerate([1.0, 1.0, 1.0, 10.0]):
         assert abs(float(mean[k]) - target) <= 6 * float(sd[k]) / math.sqrt(n) + 1e-12, (k, mean)
+
+
+@pytest.mark.parametrize("scheme", list(ORACLE))
+def test_nm_bit_exact_small_integer_blocks(scheme):
+    # The CPU kernel computes a batch of blocks as vector lanes (selects instead of branches):
+    # blocks of small signed integers hit every tie, zero and fall-back path many times over,
+    # across batch boundaries (2**15 + 3 blocks) and for every uniform draw.
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randint(-3, 4, (4 * (2**15 + 3),), generator=g).float()
+         * torch.randint(1, 3, (1,), generator=g).float())
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = x.to(dtype).reshape(-1, 4)
+        got_v, got_i = ops.nm_select(xd, scheme, seed=11, offset=2**33 + 5)
+        ref_v, ref_i = ORACLE[scheme](xd, seed=11, offset=2**33 + 5)
+        assert torch.equal(got_i, ref_i), (scheme, dtype)
+        assert bits_equal(got_v, ref_v), (scheme, dtype)
