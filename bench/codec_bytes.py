@@ -38,11 +38,15 @@ SETTINGS = [
     ("bf16", {"name": "bf16"}),
     ("fp8_e4m3 (amax)", {"name": "fp8_e4m3"}),
     ("fp8_e5m2 (amax)", {"name": "fp8_e5m2"}),
-    ("fp8 optimal-scale", {"name": "fp", "bits": 8}),
-    ("fp6 optimal-scale", {"name": "fp", "bits": 6}),
-    ("fp6 optimal-scale nearest", {"name": "fp", "bits": 6, "rounding": "nearest"}),
-    ("fp5 optimal-scale", {"name": "fp", "bits": 5}),
-    ("fp4 optimal-scale", {"name": "fp", "bits": 4}),
+    ("fp8 capped (default)", {"name": "fp", "bits": 8}),
+    ("fp6 capped (default)", {"name": "fp", "bits": 6}),
+    ("fp6 capped nearest", {"name": "fp", "bits": 6, "rounding": "nearest"}),
+    ("fp6 capped eq4-split", {"name": "fp", "bits": 6, "split": "eq4"}),
+    ("fp5 capped (default)", {"name": "fp", "bits": 5}),
+    ("fp4 capped (default)", {"name": "fp", "bits": 4}),
+    ("fp8 optimal-scale (uncapped)", {"name": "fp", "bits": 8, "scale": "optimal"}),
+    ("fp6 optimal-scale (uncapped)", {"name": "fp", "bits": 6, "scale": "optimal"}),
+    ("fp4 optimal-scale (uncapped)", {"name": "fp", "bits": 4, "scale": "optimal"}),
     ("fp8 amax-scale", {"name": "fp", "bits": 8, "scale": "amax"}),
     ("fp6 amax-scale", {"name": "fp", "bits": 6, "scale": "amax"}),
     ("fp5 amax-scale", {"name": "fp", "bits": 5, "scale": "amax"}),
@@ -128,8 +132,11 @@ def main() -> None:
     lines = [f"# Codec bytes and accuracy\n", f"Command: `{cmd}` (K={args.k} seeds; torch {torch.__version__}).\n",
              "bits/el counts the whole packet (header included). bias = ||mean over K seeds - x|| / ||x||; "
              "noise = ||std over seeds|| / sqrt(K) / ||x||, the standard error of that mean: an unbiased codec "
-             "shows bias ~ noise, a deterministic one noise = 0. optimal-scale = fp_error.optimal_scale_exp "
-             "(least mean relative error; saturates the top tail), amax-scale = no saturation. On heavy tails a "
+             "shows bias ~ noise, a deterministic one noise = 0. capped (the FP codec's default, scale="
+             "\"optimal_capped\") = min(fp_error.optimal_scale_exp, the largest scale keeping amax representable), "
+             "split by fp_error.optimal_format (eq4-split: lognormal.optimal_split, paper 001 Eq. 4); "
+             "optimal-scale (uncapped) = fp_error.optimal_scale_exp alone (least mean relative error; saturates "
+             "the top tail); amax-scale = the cap alone. On heavy tails a "
              "handful of elements dominate ||x||, so with K=8 the bias and noise estimates are rough; unbiasedness "
              "is established by the Monte Carlo unit tests (tests/unit/test_codec_*.py).\n"]
     for dname in data:
