@@ -8,7 +8,8 @@ Three launches (each costs most of its time in start-up on two shared cores):
 * 2 ranks, 1 stage x TP 2, identity codec, against the same model unsplit (one process): the
   losses agree within a float tolerance (only the reduction order differs).
 
-Plus the topology / shape errors that must stop the job before training.
+Plus one TP block against the unsplit block in two spawned gloo processes (forward and every
+gradient), and the topology / shape errors that must stop the job before training.
 """
 import json
 import os
@@ -17,7 +18,7 @@ import sys
 import pytest
 import torch
 
-from test_main_job import ROOT, TRAIN, _free_port, _load, _run, _write
+from test_main_job import TRAIN, _free_port, _load, _run, _write
 
 MICRO, GAS, SEQ, WIDTH = 8, 2, 32, 64  # configs/fp6.json batch settings and train.py defaults
 STEPS, DEPTH = 30, 2
@@ -128,7 +129,8 @@ FP6 = {"codec": {"name": "fp", "bits": 6}}
 
 @pytest.mark.parametrize("section, extra, world, expect", [
     (FP6, ["--tp", "2"], "1", "tensor parallelism 2 needs stages x 2 ranks"),
-    (FP6, ["--tp", "2", "--stages", "2"], "6", "2 pipeline stages x 2 tensor-parallel ranks = 4 does not divide the 6 ranks"),
+    (FP6, ["--tp", "2", "--stages", "2"], "6",
+     "2 pipeline stages x 2 tensor-parallel ranks = 4 does not divide the 6 ranks"),
     (FP6, ["--tp", "3", "--stages", "1"], "3", "--heads 4 is not divisible by tensor-parallel size 3"),
     (FP6, ["--tp", "0"], "2", "--tp must be >= 1"),
     # 1 stage x TP 2 x 2 replicas with an fp data-parallel codec: measured to let the TP ranks'
