@@ -40,6 +40,17 @@ def codec_fingerprint(codec: Codec) -> str:
     return json.dumps(desc, sort_keys=True, default=str)
 
 
+def default_device(group=None) -> torch.device:
+    """Where packets live for ``group``'s backend: the current CUDA device under NCCL (it only
+    moves CUDA tensors), the CPU otherwise (gloo)."""
+    if not dist.is_initialized():
+        return torch.device("cpu")
+    backend = str(dist.get_backend(group)).lower()
+    if "nccl" in backend and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _to_bytes(s: str, device: torch.device) -> torch.Tensor:
     return torch.tensor(list(s.encode("utf-8")), dtype=torch.uint8, device=device)
 
@@ -74,10 +85,12 @@ def exchange_with_peer(fingerprint: str, peer: int, group, device: torch.device)
     return _from_bytes(theirs)
 
 
-def check_peer(codec: Codec, peer: int, group=None, device: torch.device | str = "cpu") -> None:
-    """Raise ``ConfigMismatchError`` (on both ranks) if ``peer`` runs a different codec config."""
+def check_peer(codec: Codec, peer: int, group=None, device: torch.device | str | None = None) -> None:
+    """Raise ``ConfigMismatchError`` (on both ranks) if ``peer`` runs a different codec config.
+    ``device``: where the fingerprint messages live (None: ``default_device(group)``)."""
     mine = codec_fingerprint(codec)
-    theirs = exchange_with_peer(mine, peer, group, torch.device(device))
+    dev = default_device(group) if device is None else torch.device(device)
+    theirs = exchange_with_peer(mine, peer, group, dev)
     if theirs != mine:
         me = dist.get_rank(group)
         raise ConfigMismatchError(
@@ -97,7 +110,7 @@ def _group_object(group):
     return group if group is not None else dist.distributed_c10d._get_default_group()
 
 
-def check_group(codec: Codec, group=None, device: torch.device | str = "cpu", *,
+def check_group(codec: Codec, group=None, device: torch.device | str | None = None, *,
                 force: bool = False) -> None:
     """Raise ``ConfigMismatchError`` on every rank of ``group`` unless all fingerprints agree.
 
@@ -111,7 +124,8 @@ def check_group(codec: Codec, group=None, device: torch.device | str = "cpu", *,
     if key in _CHECKED and not force:
         return
     with comm_guard("config handshake (all_gather of codec fingerprints)"):
-        all_fp = [_from_bytes(t) for t in all_gather_bytes(_to_bytes(mine, torch.device(device)), group)]
+        dev = default_device(group) if device is None else torch.device(device)
+        all_fp = [_from_bytes(t) for t in all_gather_bytes(_to_bytes(mine, dev), group)]
     bad = [r for r, fp in enumerate(all_fp) if fp != all_fp[0]]
     if bad:
         me = dist.get_rank(group)

@@ -7,7 +7,8 @@ Two wire protocols (DESIGN.md, "Fixed-rate codecs need no handshake"):
 * variable size: an int64 length goes first, then the packet; two messages per packet.
 
 Both ends must issue the same sends and receives in the same order: receives match by
-(peer, tag) in posting order. ``async_op=True`` returns a ``PendingOps`` handle (useful on NCCL,
+(peer, tag) in posting order on gloo. NCCL ignores tags: messages between two ranks match in
+issue order only, so two channels between the same pair must not interleave their messages. ``async_op=True`` returns a ``PendingOps`` handle (useful on NCCL,
 where isend/irecv overlap compute; gloo point-to-point has no futures, only ``wait``).
 
 ``PacketChannel`` adds what a boundary needs on top: a config handshake at the first exchange,
@@ -22,7 +23,7 @@ import torch.distributed as dist
 
 from gradwire.codec.base import Codec
 from gradwire.comm.errors import CommError, comm_guard
-from gradwire.comm.handshake import check_peer
+from gradwire.comm.handshake import check_peer, default_device  # noqa: F401 (re-exported)
 from gradwire.numerics.rng import derive_seed
 
 LENGTH_BYTES = 8  # the int64 length prefix of a variable-size packet
@@ -36,17 +37,6 @@ def _check_packet(packet: torch.Tensor) -> None:
 
 def _global(peer: int, group) -> int:
     return peer if group is None else dist.get_global_rank(group, peer)
-
-
-def default_device(group=None) -> torch.device:
-    """Where packets live for ``group``'s backend: the current CUDA device under NCCL (it only
-    moves CUDA tensors), the CPU otherwise (gloo)."""
-    if not dist.is_initialized():
-        return torch.device("cpu")
-    backend = str(dist.get_backend(group)).lower()
-    if "nccl" in backend and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 class PendingOps:
