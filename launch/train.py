@@ -143,6 +143,23 @@ def _tick(bar, loss, totals, tokens_done, t0):
     bar.update(1)
 
 
+def _own_gradient_norm(net, tp_group) -> None:
+    """Make DeepSpeed's gradient clipping see every stage's gradients exactly once.
+
+    ``deepspeed.runtime.utils.clip_grad_norm_`` counts a parameter that is not marked
+    model-parallel only on rank 0 of the whole pipeline x tensor group, so without this the
+    parameters of stage 1 and later would be left out of the clipping norm. Each stage owns its
+    parameters (no tied layers here): mark them all, except that parameters replicated across a
+    tensor-parallel group are marked on its rank 0 only (so they are counted once).
+    """
+    import torch.distributed as dist
+
+    tp_rank = 0 if tp_group is None else dist.get_rank(group=tp_group)
+    for p in net.parameters():
+        if getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
+            p.model_parallel = True
+
+
 def run_deepspeed(args, ds_config, gw, gpt_cfg, tokens, world):
     import deepspeed
     import torch.distributed as dist
@@ -175,6 +192,7 @@ def run_deepspeed(args, ds_config, gw, gpt_cfg, tokens, world):
         # Boundary tensors travel whole from each TP rank to its peer in the next stage:
         # DeepSpeed's partitioned activation/gradient path is not exercised by gradwire's tests.
         cfg["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False, **cfg.get("pipeline", {})}
+    _own_gradient_norm(net, tp_group)
     cfg.setdefault("steps_per_print", 10 ** 9)
     engine, _, _, _ = initialize(model=net, config=cfg,
                                  model_parameters=[p for p in net.parameters() if p.requires_grad])
