@@ -169,3 +169,18 @@ def test_table_path_for_16bit_inputs_bit_exact(dtype):
     b1, b2 = _stats_bound(x)
     assert abs(float(stats[1] - ref[1])) <= b1 and abs(float(stats[2] - ref[2])) <= b2
     torch.testing.assert_close(ops.moment_stats(x), stats, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_encode_subnormal_inputs_bit_exact(dtype):
+    # The vectorised code path hands float32-subnormal inputs to the scalar fp_split; a scale of
+    # 2**140 puts them (and the smallest normals) inside the format's grid, so every rounding
+    # decision on them is exercised, both signs, both roundings, with and without subnormals.
+    g = torch.Generator().manual_seed(3)
+    mant = torch.randint(1, 2**23, (3001,), generator=g, dtype=torch.int32)
+    sub = mant.view(torch.float32) * torch.where(torch.rand(3001, generator=g) < 0.5, -1.0, 1.0)
+    x = torch.cat([sub, sub * 2**10, torch.tensor([1.1754944e-38, -1.1754942e-38, 1e-45])]).to(dtype)
+    for fmt in (FPFormat(4, 1), FPFormat(3, 2, bias=1, subnormals=False), FPFormat(2, 5)):
+        for rounding in Rounding:
+            packed, _ = ops.fp_encode(x, fmt, rounding, scale_exp=140, seed=8, offset=3)
+            assert torch.equal(packed, _oracle(x, fmt, rounding, 140, 8, 3)), (fmt.name, rounding)
