@@ -1,9 +1,9 @@
 // CUDA kernels for the gradwire ops: framework-free (no torch headers), C API in gradwire_cuda.h.
 //
-// Memory layout for bandwidth: one thread owns a group of 8 consecutive elements, so its input
-// is one 16-byte (bf16/fp16) or 2 x 16-byte (fp32) aligned vector load, and its output is the
-// `bits` whole bytes those 8 codes occupy in the LSB-first stream (groups start byte-aligned),
-// written as consecutive bytes by consecutive threads. One pass reads x once: the codes and the
+// Memory layout for bandwidth: a group of 8 consecutive elements is one 16-byte (bf16/fp16) or
+// 2 x 16-byte (fp32) aligned vector load, and its output is the `bits` whole bytes those 8 codes
+// occupy in the LSB-first stream (groups start byte-aligned). The FP encode gives each thread 4
+// groups, so its output is `bits` whole 32-bit words, stored as words (see fp_encode_kernel). One pass reads x once: the codes and the
 // moment statistics for the next refresh come out of the same loads. Statistics: per-thread
 // float64 accumulators -> per-block tree reduction -> per-block partials -> one final block sums
 // them in block order, so results do not depend on scheduling. Compile without --use_fast_math:
@@ -108,28 +108,58 @@ int64_t blocks_for(int64_t groups) {
   return b < 1 ? 1 : b;
 }
 
+// One thread owns 4 groups of 8 elements (32 codes = 4 * bits bytes = `bits` 32-bit words, which
+// start 4-byte aligned because every thread's output starts at a multiple of 4 * bits bytes):
+// the packed output of a full quad is written with `bits` 32-bit stores (consecutive threads,
+// consecutive words: coalesced) instead of 4 * bits byte stores. The last, partial quad and a
+// misaligned `out` keep the byte stores. Written and compiled for sm_80/sm_90 but NOT run on a
+// GPU yet (no GPU where it was written): tests/kernels/test_cuda_kernels.py checks it on one.
 __global__ void fp_encode_kernel(const void* x, int dtype, int64_t n, FpParams p, RngKeys keys,
                                  uint64_t offset, uint8_t* out, double* scratch) {
   Acc5 acc = {{0, 0, 0, 0, 0}};
-  const int64_t groups = (n + 7) / 8;
-  for (int64_t gi = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; gi < groups;
-       gi += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t g = gi * 8;
-    const int cnt = n - g < 8 ? static_cast<int>(n - g) : 8;
-    float v[8];
-    load8(x, dtype, g, cnt, v);
-    uint32_t codes[8];
-    for (int j = 0; j < 8; ++j) {
-      codes[j] = 0;
-      if (j < cnt) {
-        acc_add(acc, v[j]);
-        codes[j] = fp_encode_one(v[j], p, keys, offset + static_cast<uint64_t>(g + j));
+  const int64_t quads = (n + 31) / 32;
+  const bool out_aligned = (reinterpret_cast<uintptr_t>(out) & 3u) == 0;
+  for (int64_t qi = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; qi < quads;
+       qi += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    uint64_t w[4];
+    for (int q = 0; q < 4; ++q) {
+      w[q] = 0;
+      const int64_t g = qi * 32 + q * 8;
+      if (g >= n) continue;
+      const int cnt = n - g < 8 ? static_cast<int>(n - g) : 8;
+      float v[8];
+      load8(x, dtype, g, cnt, v);
+      uint32_t codes[8];
+      for (int j = 0; j < 8; ++j) {
+        codes[j] = 0;
+        if (j < cnt) {
+          acc_add(acc, v[j]);
+          codes[j] = fp_encode_one(v[j], p, keys, offset + static_cast<uint64_t>(g + j));
+        }
+      }
+      w[q] = pack8(codes, p.bits);
+    }
+    uint8_t* o = out + qi * 4 * p.bits;
+    if (out_aligned && n - qi * 32 >= 32) {
+      // Byte k of the quad's stream is byte (k % bits) of w[k / bits] (groups are byte-aligned).
+      uint32_t* o32 = reinterpret_cast<uint32_t*>(o);
+      for (int k4 = 0; k4 < p.bits; ++k4) {
+        uint32_t word = 0;
+        for (int b = 0; b < 4; ++b) {
+          const int k = 4 * k4 + b;
+          word |= static_cast<uint32_t>((w[k / p.bits] >> (8 * (k % p.bits))) & 0xFFu) << (8 * b);
+        }
+        o32[k4] = word;
+      }
+    } else {
+      for (int q = 0; q < 4; ++q) {
+        const int64_t g = qi * 32 + q * 8;
+        if (g >= n) break;
+        const int cnt = n - g < 8 ? static_cast<int>(n - g) : 8;
+        const int nb = cnt == 8 ? p.bits : (cnt * p.bits + 7) / 8;
+        for (int b = 0; b < nb; ++b) o[q * p.bits + b] = static_cast<uint8_t>(w[q] >> (8 * b));
       }
     }
-    const uint64_t w = pack8(codes, p.bits);
-    const int nb = cnt == 8 ? p.bits : (cnt * p.bits + 7) / 8;
-    uint8_t* o = out + gi * p.bits;
-    for (int b = 0; b < nb; ++b) o[b] = static_cast<uint8_t>(w >> (8 * b));
   }
   block_reduce_store(acc, scratch);
 }
@@ -240,7 +270,7 @@ int64_t gw_stats_scratch(int64_t n) { return 5 * blocks_for(n); }
 int gw_fp_encode(const void* x, int dtype, int64_t n, GwFpArgs args, uint32_t seed,
                  uint64_t offset, uint8_t* out, double* scratch, double* stats, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const int64_t nb = blocks_for((n + 7) / 8);
+  const int64_t nb = blocks_for((n + 31) / 32);  // one thread per 32 elements
   fp_encode_kernel<<<static_cast<unsigned>(nb), kThreads, 0, s>>>(x, dtype, n, to_params(args),
                                                                   rng_keys(seed), offset, out,
                                                                   scratch);
