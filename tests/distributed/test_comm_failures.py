@@ -47,7 +47,10 @@ def _mismatch_worker(rank, world, reinit_file):
     # a CommError naming the exchange, not mislabelled as a peer timeout
     try:
         with comm_guard("test exchange"):
-            dist.all_to_all_single(torch.empty(world), torch.empty(world + 1))
+            # explicit split sizes that do not add up to the input: c10d rejects this before
+            # anything is enqueued (an unequal implicit split would fail later, in gloo's thread)
+            dist.all_to_all_single(torch.empty(world), torch.empty(world + 1),
+                                   output_split_sizes=[1] * world, input_split_sizes=[1] * world)
     except CommError as e:
         res["usage"] = (type(e).__name__, str(e))
     # A destroyed and re-created default group is a new group: the handshake runs again there
