@@ -323,6 +323,28 @@ std::vector<int64_t> parallel_hist(int64_t n, const F& body) {
   return total;
 }
 
+// Histogram of |x| patterns of u[begin, end) into two banks of h. Eight elements per step from
+// two 64-bit loads: measured ~2x faster than indexing element by element with (i & 1) banks.
+inline void hist16(const uint16_t* u, int64_t begin, int64_t end, uint32_t* h) {
+  uint32_t* h0 = h;
+  uint32_t* h1 = h + kAbsBins;
+  int64_t i = begin;
+  for (; i + 8 <= end; i += 8) {
+    uint64_t v, w;
+    std::memcpy(&v, u + i, 8);
+    std::memcpy(&w, u + i + 4, 8);
+    ++h0[v & 0x7FFF];
+    ++h1[(v >> 16) & 0x7FFF];
+    ++h0[(v >> 32) & 0x7FFF];
+    ++h1[(v >> 48) & 0x7FFF];
+    ++h0[w & 0x7FFF];
+    ++h1[(w >> 16) & 0x7FFF];
+    ++h0[(w >> 32) & 0x7FFF];
+    ++h1[(w >> 48) & 0x7FFF];
+  }
+  for (; i < end; ++i) ++h0[u[i] & 0x7FFF];
+}
+
 // Large 16-bit inputs: a 16-bit input has only 2**16 bit patterns, so the encode decision is
 // tabulated once per call (lo/hi codes and the stochastic threshold per pattern, from fp_split),
 // leaving a table load, a compare and a select per element (measured ~7% faster than the
@@ -387,16 +409,16 @@ at::Tensor fp_encode16(const T* x, uint8_t* out, int64_t n, const FpParams& p, R
       return;
     }
     encode_range(x, begin, end, p, keys, offset, out, limit);
-    for (int64_t i = begin; i < end; ++i) ++h[((i & 1) << 15) | (u[i] & 0x7FFF)];
+    hist16(u, begin, end, h);
   });
   return stats_from_hist<T>(hist);
 }
 
 template <typename T>
 at::Tensor stats16(const T* x, int64_t n) {
-  const std::vector<int64_t> hist = parallel_hist(n, [&](int64_t begin, int64_t end, uint32_t* h) {
-    for (int64_t i = begin; i < end; ++i) ++h[((i & 1) << 15) | (raw16(x[i]) & 0x7FFF)];
-  });
+  const uint16_t* u = reinterpret_cast<const uint16_t*>(x);
+  const std::vector<int64_t> hist = parallel_hist(
+      n, [&](int64_t begin, int64_t end, uint32_t* h) { hist16(u, begin, end, h); });
   return stats_from_hist<T>(hist);
 }
 
