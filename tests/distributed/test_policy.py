@@ -28,7 +28,14 @@ def test_warmup_then_refresh_schedule():
         assert torch.equal(p.decode(pk), x)
     assert p.fit is None
     pk = p.encode(xs[2], 2)  # first refresh: the fit of the warm-up statistics, exactly
-    want = fit_from_stats(merge_stats(moment_stats(xs[0]), moment_stats(xs[1])))
+    # the policy fits the statistics its codecs report from the encode pass (fused native kernels
+    # may differ from the reference moment_stats in the last bits of the float64 sums)
+    fp8 = build_codec({"name": "fp8_e4m3"})
+
+    def st(codec, x):
+        return codec.encode_with_stats(x)[1]
+
+    want = fit_from_stats(merge_stats(st(ident, xs[0]), st(ident, xs[1])))
     assert p.fit == want
     assert pk.numel() == build_codec({"name": "fp8_e4m3"}).packed_size(xs[2].shape, xs[2].dtype)
     assert pk.numel() == p.packed_size(xs[2].shape, xs[2].dtype, 2)
@@ -37,8 +44,7 @@ def test_warmup_then_refresh_schedule():
     p.encode(xs[4], 4)
     assert p.fit == want  # no refresh before step 2 + 3
     p.encode(xs[5], 5)
-    assert p.fit == fit_from_stats(merge_stats(merge_stats(moment_stats(xs[2]), moment_stats(xs[3])),
-                                               moment_stats(xs[4])))
+    assert p.fit == fit_from_stats(merge_stats(merge_stats(st(fp8, xs[2]), st(fp8, xs[3])), st(fp8, xs[4])))
     t = p.telemetry()
     assert t["steps"] == 6 and t["warmup_steps"] == 2 and t["refreshes"] == 2
     assert t["raw_bytes"] == 6 * 4096 * 4
