@@ -375,10 +375,9 @@ void encode16_table_range(const uint16_t* u, int64_t begin, int64_t end, const u
   for (int64_t g = begin; g < end; g += kEncBlock) {
     const int cnt = static_cast<int>(std::min<int64_t>(kEncBlock, end - g));
     if (kStochastic) hash_r24_block(keys, offset + static_cast<uint64_t>(g), cnt, r);
+    hist16(u, g, g + cnt, h);
     for (int j = 0; j < cnt; ++j) {
-      const uint16_t b = u[g + j];
-      ++h[((j & 1) << 15) | (b & 0x7FFF)];  // two banks: runs of equal values do not serialise
-      const uint64_t e = tab[b];
+      const uint64_t e = tab[u[g + j]];
       if (kStochastic) {
         // Branch-free select: r24 is random, so a branch would mispredict half the time.
         const uint32_t up = static_cast<uint32_t>(r[j] < static_cast<uint32_t>(e));
