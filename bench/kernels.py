@@ -107,6 +107,8 @@ def main() -> None:
         "dtype": "bfloat16",
         "implementations": impls,
         "command": "python " + " ".join(sys.argv),
+        # The CPU is shared: ratios move with the load (1/5/15-minute averages, before the run).
+        "load_average_before": list(os.getloadavg()),
         "seconds": {},
         "ns_per_element": {},
     }
@@ -146,6 +148,7 @@ def main() -> None:
     print(f"cast bf16->fp8 {1e3 * t_cast:.1f} ms, fp8->bf16 {1e3 * t_back:.1f} ms; "
           f"encode/cast {enc / t_cast:.2f}, decode/cast {dec / t_back:.2f}")
     print(json.dumps(res["goals"]))
+    res["load_average_after"] = list(os.getloadavg())
     out = args.out
     if out is None:
         tag = "cpu" if dev == "cpu" else "cuda_" + res["device_name"].replace(" ", "_").lower()
