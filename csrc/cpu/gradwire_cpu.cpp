@@ -366,6 +366,23 @@ std::vector<uint64_t> build_table(const FpParams& p) {
   return t;
 }
 
+// codes[j] from the table entry of pattern u[j]: lo, or hi when r24 < thresh (branch-free: r24
+// is random, so a branch would mispredict half the time). Written as a plain loop so the AVX2 /
+// AVX-512 copies vectorise it with gathers.
+template <bool kStochastic>
+GW_SIMD_CLONES void table_codes(const uint16_t* u, const uint32_t* r, int cnt, const uint64_t* tab,
+                                uint8_t* codes) {
+  for (int j = 0; j < cnt; ++j) {
+    const uint64_t e = tab[u[j]];
+    if (kStochastic) {
+      const uint64_t up = static_cast<uint64_t>(r[j] < static_cast<uint32_t>(e));
+      codes[j] = static_cast<uint8_t>(e >> (32 + 8 * up));
+    } else {
+      codes[j] = static_cast<uint8_t>(e >> 32);
+    }
+  }
+}
+
 template <typename T, bool kStochastic>
 void encode16_table_range(const uint16_t* u, int64_t begin, int64_t end, const uint64_t* tab,
                           const FpParams& p, RngKeys keys, uint64_t offset, uint8_t* out,
@@ -376,16 +393,7 @@ void encode16_table_range(const uint16_t* u, int64_t begin, int64_t end, const u
     const int cnt = static_cast<int>(std::min<int64_t>(kEncBlock, end - g));
     if (kStochastic) hash_r24_block(keys, offset + static_cast<uint64_t>(g), cnt, r);
     hist16(u, g, g + cnt, h);
-    for (int j = 0; j < cnt; ++j) {
-      const uint64_t e = tab[u[g + j]];
-      if (kStochastic) {
-        // Branch-free select: r24 is random, so a branch would mispredict half the time.
-        const uint32_t up = static_cast<uint32_t>(r[j] < static_cast<uint32_t>(e));
-        codes[j] = static_cast<uint8_t>(e >> (32 + 8 * up));
-      } else {
-        codes[j] = static_cast<uint8_t>(e >> 32);
-      }
-    }
+    table_codes<kStochastic>(u + g, r, cnt, tab, codes);
     std::memset(codes + cnt, 0, 8);
     pack_codes(codes, cnt, p.bits, out + g / 8 * p.bits, limit);
   }
