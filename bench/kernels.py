@@ -66,7 +66,14 @@ def main() -> None:
     ap.add_argument("--ref-numel", type=int, default=4 * 2**20)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch.set_num_threads for kernels, casts and references alike (0: torch's "
+                         "default). On a loaded shared CPU the multi-threaded references slow down "
+                         "far more than the kernels (OpenMP barriers per small op), so --threads 1 "
+                         "gives the load-robust speedups")
     args = ap.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     dev = args.device
     _build.load_native()
     impls = {op: ops.implementation(op, dev) for op in ops.SCHEMAS}
@@ -152,6 +159,8 @@ def main() -> None:
     out = args.out
     if out is None:
         tag = "cpu" if dev == "cpu" else "cuda_" + res["device_name"].replace(" ", "_").lower()
+        if args.threads > 0:
+            tag += f"_{args.threads}thread"
         out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"kernels_{tag}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
