@@ -19,7 +19,7 @@ def _native_extensions():
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    cflags = ["-O3", "-std=c++17", "-fopenmp"]
+    cflags = ["-O3", "-std=c++17", "-ffp-contract=off", "-fopenmp"]
     exts = [
         CppExtension(
             "gradwire._gradwire_cpu",
@@ -33,7 +33,7 @@ def _native_extensions():
             CUDAExtension(
                 "gradwire._gradwire_cuda",
                 sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp")),
-                extra_compile_args={"cxx": cflags, "nvcc": ["-O3", "-std=c++17"]},
+                extra_compile_args={"cxx": cflags, "nvcc": ["-O3", "-std=c++17", "--fmad=false"]},
             )
         )
     return exts, {"build_ext": BuildExtension}

@@ -37,7 +37,9 @@ BUILD_DIR_ENV = "GRADWIRE_BUILD_DIR"
 # roundings in the vectorised AVX2/AVX-512 clones too). OpenMP drives at::parallel_for.
 CPU_CFLAGS = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]
 CPU_LDFLAGS = ["-fopenmp"]
-NVCC_FLAGS = ["-O3", "-std=c++17"]
+# --fmad=false: nvcc contracts a*b+c into one FMA by default, which rounds once instead of
+# twice and breaks bit-exactness with the reference (e.g. the approx-2:4 inclusion probabilities).
+NVCC_FLAGS = ["-O3", "-std=c++17", "--fmad=false"]
 
 # backend -> (native loaded?, reason). Filled by load_native().
 STATUS: dict[str, tuple[bool, str]] = {

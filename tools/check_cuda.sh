@@ -8,7 +8,7 @@ out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 for cu in csrc/cuda/*.cu; do
   echo "nvcc $cu (sm_80, sm_90)"
-  "$NVCC" -O3 -std=c++17 -Werror all-warnings \
+  "$NVCC" -O3 -std=c++17 --fmad=false -Werror all-warnings \
     -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
     -c "$cu" -o "$out/$(basename "$cu").o"
 done

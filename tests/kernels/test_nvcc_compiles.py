@@ -33,7 +33,9 @@ def test_there_are_cuda_sources():
 @pytest.mark.parametrize("cu", CU_FILES, ids=os.path.basename)
 def test_cu_compiles_for_sm80_and_sm90(cu, tmp_path):
     nvcc = _nvcc()
-    cmd = [nvcc, "-O3", "-std=c++17", "-Werror", "all-warnings",
+    from gradwire._build import NVCC_FLAGS  # the flags the JIT build uses (--fmad=false matters)
+
+    cmd = [nvcc, *NVCC_FLAGS, "-Werror", "all-warnings",
            "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
            "-c", cu, "-o", str(tmp_path / "out.o")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
