@@ -27,3 +27,14 @@ def single_thread():
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def one_thread_per_module():
+    """``single_thread`` for a whole test module (``pytestmark = usefixtures(...)``)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -7,14 +7,8 @@ from gradwire.sparse.dst import DSTConfig, DynamicSparseTrainer, sparse_layers, 
 from gradwire.sparse.sparse_linear import MaskedLinear, SparseLinear
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Small GEMMs gain nothing from threads; on a shared 2-core runner OpenMP workers spin
-    # against other processes (measured 10x the CPU time on digits). Restored afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Small GEMMs gain nothing from threads on the shared 2-core runner (see tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 def _model(layout, density=0.1, seed=3, dtype=torch.float64):

@@ -17,14 +17,8 @@ from gradwire.sparse.sparse_linear import SparseLinear
 P_MIN = 1e-6  # chi-square p-value below which we reject
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Small tensor ops gain nothing from threads; on a shared 2-core runner OpenMP workers spin
-    # against other processes. Restored afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Small GEMMs gain nothing from threads on the shared 2-core runner (see tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 def _grabo_marginals():

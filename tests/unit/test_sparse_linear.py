@@ -6,14 +6,8 @@ from torch import nn
 from gradwire.sparse.sparse_linear import MaskedLinear, SparseLinear, sampled_grad
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Small GEMMs gain nothing from threads; on a shared 2-core runner OpenMP workers spin
-    # against other processes (measured 10x the CPU time on digits). Restored afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Small GEMMs gain nothing from threads on the shared 2-core runner (see tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 def _pair(out_f=24, in_f=40, density=0.2, dtype=torch.float64, seed=0, bias=True):

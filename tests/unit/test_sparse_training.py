@@ -17,14 +17,8 @@ EPOCHS = 30
 BATCH = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny GEMMs gain nothing from threads, and on a shared 2-core runner OpenMP workers spin
-    # against other processes (measured: 10x the CPU time). Restored afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Small GEMMs gain nothing from threads on the shared 2-core runner (see tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,8 @@ from gradwire.sparse.transposable import (TransposableNMLinear, _exact_lp, _patt
                                           transposable_mask_exact, transposable_mask_greedy)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Small tensor ops gain nothing from threads; on a shared 2-core runner OpenMP workers spin
-    # against other processes. Restored afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Small GEMMs gain nothing from threads on the shared 2-core runner (see tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 def _w(shape, seed=0, heavy=False):
