@@ -12,6 +12,10 @@ CONFIGS = [
     {"name": "identity"}, {"name": "bf16"}, {"name": "fp8_e4m3"}, {"name": "fp8_e5m2"},
     {"name": "fp", "bits": 6}, {"name": "fp", "bits": 4, "exp_bits": 3, "rounding": "nearest"},
     {"name": "prune", "sparsity": 0.8}, {"name": "prune", "sparsity": 0.5, "kept_bits": None},
+    # Rice-coded positions, forced (the 32-element packets here would pick the bitmap); kept
+    # formats differ from the configs above so that mismatched receivers still disagree.
+    {"name": "prune", "sparsity": 0.8, "kept_bits": 6, "positions": "rice"},
+    {"name": "prune", "sparsity": 0.9, "rounding": "nearest", "positions": "rice"},
     {"name": "nm", "n": 2, "m": 4, "value_bits": 8}, {"name": "nm", "n": 1, "m": 2},
     {"name": "nm", "n": 3, "m": 8, "method": "greedy", "value_bits": 5},
 ]
@@ -102,6 +106,39 @@ def test_forged_packets_with_valid_checksums(i, data):
     except PacketError:
         return
     assert tuple(y.shape) == tuple(shape)
+
+
+@pytest.mark.parametrize("kept_bits", [8, None])
+def test_rice_streams_reject_every_rechecksummed_bit_flip_and_truncation(kept_bits):
+    """Below the CRCs: re-checksummed packets whose Rice streams lost bytes or had one bit flipped.
+    Every single flip is detectable by construction: a quotient bit adds or removes a code (count
+    check), a remainder bit moves the gap sum by 2**j (sum check), a padding bit breaks bitpack's
+    zero padding. So each must raise PacketError, never decode."""
+    from gradwire.codec.prune import FLAG_RICE, K_SHIFT, PRUNE_PARAMS, PruneCodec
+
+    codec = PruneCodec(0.8, kept_bits=kept_bits, positions="rice")
+    g = torch.Generator().manual_seed(1)
+    p = codec.encode(torch.randn(300, generator=g) * torch.exp(2 * torch.randn(300, generator=g)), seed=1)
+    h, payload = parse_packet(p)
+    f = PRUNE_PARAMS.unpack(h.params)
+    nnz, k = f[-2], f[1] >> K_SHIFT
+    assert f[1] & FLAG_RICE and k > 0
+    rice_bytes = payload.numel() - sum([(nnz + 7) // 8, (f[-1] + 7) // 8]) - (nnz - f[-1]) * (1 if kept_bits else 4)
+
+    def repack(pl):
+        return build_packet(h.codec_id, h.src_dtype, h.shape, h.params, pl)
+
+    for byte in range(rice_bytes):
+        for bit in range(8):
+            bad = payload.clone()
+            bad[byte] ^= 1 << bit
+            with pytest.raises(PacketError):
+                codec.decode(repack(bad))
+        # drop this byte / insert a zero byte here: the section lengths no longer agree
+        with pytest.raises(PacketError):
+            codec.decode(repack(torch.cat([payload[:byte], payload[byte + 1:]])))
+        with pytest.raises(PacketError):
+            codec.decode(repack(torch.cat([payload[:byte], torch.zeros(1, dtype=torch.uint8), payload[byte:]])))
 
 
 def test_huge_forged_shape_is_rejected_before_allocation():
