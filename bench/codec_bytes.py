@@ -15,7 +15,13 @@ Data sets:
 Goals (issue 3): FP6 at 6 bits/element plus the header; prune at S=0.8 <= 2.1 and at S=0.9 <= 1.5
 bits/element with FP8 kept values; 2:4 with FP8 values <= 5 bits/element.
 
-Usage:  python bench/codec_bytes.py [--k 8] [--out bench/results/codec_bytes]
+Prune rows come twice: the default (bitmap positions) and "auto-pos" (``positions="auto"``: Rice-
+coded gaps when smaller, gradwire/codec/prune.py), the encoding that meets the prune goals.
+
+Usage:  python bench/codec_bytes.py [--k 8] [--out bench/results/codec_bytes] [--only prune]
+
+``--only SUBSTR`` re-runs just the settings whose label contains SUBSTR and merges them into the
+existing results at --out (other rows kept as they were; the re-run is recorded in the meta).
 """
 from __future__ import annotations
 
@@ -56,6 +62,11 @@ SETTINGS = [
     ("prune S=0.9 kept raw", {"name": "prune", "sparsity": 0.9, "kept_bits": None}),
     ("prune S=0.8 kept fp6", {"name": "prune", "sparsity": 0.8, "kept_bits": 6}),
     ("prune S=0.9 kept fp6", {"name": "prune", "sparsity": 0.9, "kept_bits": 6}),
+    ("prune S=0.8 kept fp8 auto-pos", {"name": "prune", "sparsity": 0.8, "positions": "auto"}),
+    ("prune S=0.9 kept fp8 auto-pos", {"name": "prune", "sparsity": 0.9, "positions": "auto"}),
+    ("prune S=0.9 kept raw auto-pos", {"name": "prune", "sparsity": 0.9, "kept_bits": None, "positions": "auto"}),
+    ("prune S=0.8 kept fp6 auto-pos", {"name": "prune", "sparsity": 0.8, "kept_bits": 6, "positions": "auto"}),
+    ("prune S=0.9 kept fp6 auto-pos", {"name": "prune", "sparsity": 0.9, "kept_bits": 6, "positions": "auto"}),
     ("nm 1:2 mvue fp8", {"name": "nm", "n": 1, "m": 2, "value_bits": 8}),
     ("nm 2:4 mvue fp8", {"name": "nm", "n": 2, "m": 4, "value_bits": 8}),
     ("nm 2:4 mvue fp8 optimal-scale", {"name": "nm", "n": 2, "m": 4, "value_bits": 8, "value_scale": "optimal"}),
@@ -109,10 +120,25 @@ def measure(codec, x: torch.Tensor, k: int) -> dict[str, float]:
     }
 
 
+def merge(path: Path, new_rows: list[dict], rerun: dict) -> tuple[list[dict], dict]:
+    """Existing rows with the re-run ones replaced (or added), ordered by data set then SETTINGS."""
+    old = json.loads(path.read_text())
+    fresh = {(r["data"], r["codec"]): r for r in new_rows}
+    keyed = {(r["data"], r["codec"]): r for r in old["rows"]}
+    keyed.update(fresh)
+    order = {label: i for i, (label, _) in enumerate(SETTINGS)}
+    datas = list(dict.fromkeys([r["data"] for r in old["rows"]] + [r["data"] for r in new_rows]))
+    rows = sorted(keyed.values(), key=lambda r: (datas.index(r["data"]), order.get(r["codec"], len(order))))
+    meta = dict(old["meta"])
+    meta["reruns"] = [m for m in meta.get("reruns", []) if m["only"] != rerun["only"]] + [rerun]
+    return rows, meta
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--k", type=int, default=8, help="seeds per setting (bias estimate)")
     ap.add_argument("--out", default="bench/results/codec_bytes", help="output prefix (.json, .md)")
+    ap.add_argument("--only", default=None, help="re-run only settings whose label contains this; merge into --out")
     args = ap.parse_args()
     cmd = "python bench/codec_bytes.py " + " ".join(sys.argv[1:])
     t0 = time.time()
@@ -120,6 +146,8 @@ def main() -> None:
     rows = []
     for dname, x in data.items():
         for label, cfg in SETTINGS:
+            if args.only and args.only not in label:
+                continue
             r = measure(build_codec(cfg), x, args.k)
             rows.append({"data": dname, "codec": label, "config": cfg, **r})
             print(f"{dname:36s} {label:24s} bits/el {r['bits_per_element']:7.3f}  rel_err {r['rel_err']:.4f}  "
@@ -127,9 +155,15 @@ def main() -> None:
     meta = {"command": cmd, "k": args.k, "torch": torch.__version__, "python": platform.python_version(),
             "seconds": round(time.time() - t0, 1)}
     out = Path(args.out)
+    if args.only:
+        rows, meta = merge(out.with_suffix(".json"), rows, {**meta, "only": args.only})
+        cmd = meta["command"]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    reruns = "".join(f"Rows matching {m['only']!r} re-run with `{m['command']}` ({m['seconds']} s).\n"
+                     for m in meta.get("reruns", []))
     lines = [f"# Codec bytes and accuracy\n", f"Command: `{cmd}` (K={args.k} seeds; torch {torch.__version__}).\n",
+             reruns,
              "bits/el counts the whole packet (header included). bias = ||mean over K seeds - x|| / ||x||; "
              "noise = ||std over seeds|| / sqrt(K) / ||x||, the standard error of that mean: an unbiased codec "
              "shows bias ~ noise, a deterministic one noise = 0. capped (the FP codec's default, scale="
@@ -146,7 +180,7 @@ def main() -> None:
                 lines.append(f"| {r['codec']} | {r['bits_per_element']:.3f} | {r['rel_err']:.4f} | {r['cosine']:.5f} "
                              f"| {r['bias']:.4f} | {r['noise']:.4f} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')} in {meta['seconds']} s")
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')} in {round(time.time() - t0, 1)} s")
 
 
 if __name__ == "__main__":
