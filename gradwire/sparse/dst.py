@@ -36,7 +36,7 @@ from gradwire.numerics import rng
 from gradwire.sparse.growth import (cosine_prune_fraction, erdos_renyi_topology,
                                     fan_in_normal_init, layer_densities, sample_inactive_subset,
                                     uniform64)
-from gradwire.sparse.sparse_linear import MaskedLinear, SparseLinear, canonical_order
+from gradwire.sparse.sparse_linear import MaskedLinear, SparseLinear
 
 __all__ = ["DSTConfig", "DynamicSparseTrainer", "sparsify", "erdos_renyi_linear", "sparse_layers",
            "synflow_marginals"]
@@ -294,18 +294,34 @@ def _rewire(m, optimizer, prune: torch.Tensor, grow_rows: torch.Tensor,
     if isinstance(m, SparseLinear):
         p = m.values
         keep = ~prune
-        rows = torch.cat([m.rows[keep], grow_rows.to(torch.int64)])
-        cols = torch.cat([m.cols[keep], grow_cols.to(torch.int64)])
-        n_new = grow_rows.numel()
-        vals = torch.cat([p.detach()[keep], p.new_zeros(n_new)])
+        gr, gc = grow_rows.to(torch.int64), grow_cols.to(torch.int64)
+        gk = gr * m.in_features + gc
+        g_perm = torch.argsort(gk, stable=True)  # usually sorted already; only |P| long
+        gr, gc, gk = gr[g_perm], gc[g_perm], gk[g_perm]
+        # Kept connections are in canonical order already: merge the grown ones in by binary
+        # search (O(nnz + |P| log nnz)) instead of sorting all nnz again. Keys are distinct
+        # (growth draws inactive pairs only), so this is exactly the canonical order.
+        n_new = gk.numel()
+        n_tot = int(keep.sum()) + n_new
+        at_new = torch.searchsorted(m.linear_index()[keep], gk) + torch.arange(n_new)
+        at_old = torch.ones(n_tot, dtype=torch.bool)
+        at_old[at_new] = False
+        at_old = at_old.nonzero().squeeze(1)
+
+        def merged(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+            out = old.new_empty(n_tot)
+            out[at_old] = old[keep]
+            out[at_new] = new
+            return out
+
+        rows, cols = merged(m.rows, gr), merged(m.cols, gc)
+        vals = merged(p.detach(), p.new_zeros(n_new))
         state = optimizer.state.get(p, {})
         old_shape = p.shape
-        remapped = {key: torch.cat([v[keep], v.new_zeros(n_new)]) for key, v in state.items()
-                    if torch.is_tensor(v) and v.shape == old_shape}
-        perm = canonical_order(rows, cols, m.in_features)
+        for key, v in list(state.items()):
+            if torch.is_tensor(v) and v.shape == old_shape:
+                state[key] = merged(v, v.new_zeros(n_new))
         m.set_topology(rows, cols, vals)
-        for key, v in remapped.items():
-            state[key] = v[perm]
         p.grad = None
         return
     # MaskedLinear: same shapes, edit mask, weights and state in place.

@@ -17,10 +17,12 @@ from gradwire.numerics import rng
 # Random draws are generated this many at a time: the hash makes several int64 temporaries
 # per draw, which for 1e7+ draws at once would dominate peak memory.
 _CHUNK = 1 << 20
+# Most draws one rejection round of sample_inactive_subset makes (bounds its peak memory).
+_ROUND_CAP = 1 << 24
 
 __all__ = ["uniform64", "sample_units", "sample_pairs", "sample_inactive_subset",
            "erdos_renyi_topology", "fan_in_normal_init", "layer_densities", "cosine_prune_fraction",
-           "first_occurrence_unique"]
+           "first_occurrence_unique", "invert_cdf"]
 
 
 def uniform64(seed: int, n: int, offset: int = 0, device=None) -> torch.Tensor:
@@ -53,8 +55,33 @@ def sample_units(weights: torch.Tensor, n: int, seed: int, offset: int = 0) -> t
         raise ValueError("unit weights are all zero")
     cdf = torch.cumsum(w, 0) / total
     u = uniform64(seed, n, offset, device=w.device)
-    idx = torch.searchsorted(cdf, u, right=True)
-    return idx.clamp_(max=w.numel() - 1)
+    return invert_cdf(cdf, u).clamp_(max=w.numel() - 1)
+
+
+def invert_cdf(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``torch.searchsorted(cdf, u, right=True)``, bit for bit, via a guide table.
+
+    A binary search per draw over 1e5 units is ~17 cache-missing probes; with 1e7+ draws it
+    dominated the grow step. The table holds the answer at the K + 1 grid points j / K (K a
+    power of two, so ``floor(u * K)`` and j / K are exact in float64). The answer is monotone
+    in u, so a draw in [b / K, (b + 1) / K) whose two grid answers agree has that answer;
+    only draws in cells holding a CDF step (at most len(cdf) of the K cells, so a fraction
+    below len(cdf) / K of the mass) fall back to the binary search.
+    """
+    k_bits = max(10, min(22, (8 * cdf.numel()).bit_length()))
+    k = 1 << k_bits
+    if u.numel() < k:  # the table would cost more than it saves
+        return torch.searchsorted(cdf, u, right=True)
+    grid = torch.arange(k + 1, dtype=torch.float64, device=u.device) * (1.0 / k)
+    guide = torch.searchsorted(cdf, grid, right=True)
+    # One gather per draw: a cell's answer, or -1 where its two grid answers differ.
+    table = torch.where(guide[1:] == guide[:-1], guide[:-1], -1)
+    # floor (u >= 0); the clamp only matters for u == 1, which the answer's monotonicity
+    # still covers (its cell [1 - 1/K, 1] ends at grid point K).
+    idx = table[(u * k).to(torch.int64).clamp_(max=k - 1)]
+    amb = (idx < 0).nonzero().squeeze(1)
+    idx[amb] = torch.searchsorted(cdf, u[amb], right=True)
+    return idx
 
 
 def sample_pairs(f: torch.Tensor, g: torch.Tensor, n: int, seed: int,
@@ -80,27 +107,64 @@ def first_occurrence_unique(lin: torch.Tensor) -> torch.Tensor:
     return uniq[torch.argsort(first)]
 
 
+def _merge_sorted(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Union of two sorted, disjoint int64 tensors, sorted, in O(|a| + |b| log |a|)."""
+    if a.numel() == 0 or b.numel() == 0:
+        return b if a.numel() == 0 else a
+    out = torch.empty(a.numel() + b.numel(), dtype=a.dtype, device=a.device)
+    at_b = torch.searchsorted(a, b) + torch.arange(b.numel(), device=b.device)
+    is_a = torch.ones(out.numel(), dtype=torch.bool, device=a.device)
+    is_a[at_b] = False
+    out[at_b] = b
+    out[is_a] = a
+    return out
+
+
 def sample_inactive_subset(f: torch.Tensor, g: torch.Tensor, size: int, is_active, seed: int,
                            max_rounds: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """Up to ``size`` distinct inactive pairs drawn from f x g by rejection (paper 003 Eq. 1).
 
-    ``is_active(rows, cols) -> bool`` tells the active set. Draws repeat in rounds; a pair is
-    accepted when inactive and not yet chosen. Fewer than ``size`` come back only when the
-    rounds run out (the subset asks for most of the inactive mass): the caller copes with that.
+    ``is_active(rows, cols) -> bool`` tells the active set. The result is the set of the first
+    ``size`` distinct inactive pairs of the i.i.d. draw sequence ``sample_pairs(f, g, ., seed)``
+    (successive sampling without replacement), returned sorted by the linear index
+    ``row * in + col``. The set depends only on the draw sequence, not on how it is cut into
+    rounds. Fewer than ``size`` come back only when the rounds run out (the subset asks for
+    most of the inactive mass): the caller copes with that.
+
+    Each round sorts its own draws once (deduplication, first occurrence = smallest draw
+    position by a stable sort) and tests membership with sorted queries, which is cache
+    friendly for a binary search over a sorted active set; the pairs chosen so far stay a
+    sorted key array, merged with each round's new ones, never re-deduplicated.
     """
     n_in = f.numel()
-    chosen = torch.empty(0, dtype=torch.int64, device=f.device)
+    chosen = torch.empty(0, dtype=torch.int64, device=f.device)  # sorted keys
     drawn = 0
+    rate = 1.0  # new distinct inactive pairs per draw, as seen in the last round
     for _ in range(max_rounds):
         need = size - chosen.numel()
         if need <= 0:
             break
-        n = min(max(2 * need, 64), 4 * _CHUNK)
+        # Draw what the last acceptance rate says is needed, +5% and +64 so that one more
+        # round is rarely required; capped to bound memory (~10 int64 temporaries a draw).
+        n = min(int(need / max(rate, 1e-3) * 1.05) + 64, _ROUND_CAP)
         r, c = sample_pairs(f, g, n, seed, offset=drawn)
         drawn += n
-        ok = ~is_active(r, c)
-        lin = first_occurrence_unique(torch.cat([chosen, (r * n_in + c)[ok]]))
-        chosen = lin[:size]
+        keys, pos = torch.sort(r * n_in + c, stable=True)
+        del r, c
+        first = torch.ones(n, dtype=torch.bool, device=f.device)
+        first[1:] = keys[1:] != keys[:-1]
+        sel = first.nonzero().squeeze(1)
+        keys, pos = keys[sel], pos[sel]  # stable sort: pos is each key's first draw
+        ok = is_active(keys // n_in, keys % n_in).logical_not_()
+        if chosen.numel():
+            j = torch.searchsorted(chosen, keys).clamp_(max=chosen.numel() - 1)
+            ok &= chosen[j] != keys
+        sel = ok.nonzero().squeeze(1)
+        keys, pos = keys[sel], pos[sel]
+        rate = keys.numel() / n
+        if keys.numel() > need:  # keep the first `need` in draw order (pos are distinct)
+            keys = keys[pos <= torch.kthvalue(pos, need).values]
+        chosen = _merge_sorted(chosen, keys)
     return chosen // n_in, chosen % n_in
 
 

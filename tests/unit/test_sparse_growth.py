@@ -9,9 +9,10 @@ import pytest
 import torch
 from scipy import stats
 
+from gradwire.sparse import growth
 from gradwire.sparse.growth import (cosine_prune_fraction, erdos_renyi_topology,
-                                    fan_in_normal_init, layer_densities, sample_inactive_subset,
-                                    sample_pairs, sample_units, uniform64)
+                                    fan_in_normal_init, invert_cdf, layer_densities,
+                                    sample_inactive_subset, sample_pairs, sample_units, uniform64)
 from gradwire.sparse.sparse_linear import SparseLinear
 
 P_MIN = 1e-6  # chi-square p-value below which we reject
@@ -93,6 +94,37 @@ def test_inactive_subset_excludes_active_and_follows_conditional_law():
     r, c = sample_inactive_subset(torch.ones(8), torch.ones(6), 20, layer.is_active, seed=0)
     assert r.numel() == 20 and torch.unique(r * 8 + c).numel() == 20
     assert not bool(layer.is_active(r, c).any())
+
+
+def test_invert_cdf_is_searchsorted_bit_exact():
+    # Enough draws for the guide table to be used (K = 1024 cells for 50 units), zero-weight
+    # units (repeated CDF values), and draws exactly on CDF values and on grid points j / K.
+    w = torch.rand(50, generator=torch.Generator().manual_seed(7), dtype=torch.float64) ** 4
+    w[::5] = 0.0
+    cdf = torch.cumsum(w, 0) / w.sum()
+    u = torch.cat([uniform64(9, 20_000), cdf[:-1], torch.arange(1024, dtype=torch.float64) / 1024,
+                   torch.tensor([0.0, 1 - 2.0**-48, 1.0], dtype=torch.float64)])
+    assert torch.equal(invert_cdf(cdf, u), torch.searchsorted(cdf, u, right=True))
+    assert torch.equal(invert_cdf(cdf, u[:10]), torch.searchsorted(cdf, u[:10], right=True))
+
+
+def test_inactive_subset_is_independent_of_round_size(monkeypatch):
+    # The subset is the first `size` distinct inactive pairs of the draw sequence, so cutting
+    # the sequence into many small rounds must give the same set; it comes back sorted.
+    f, g = _grabo_marginals()
+    mask = torch.rand(6, 8, generator=torch.Generator().manual_seed(2)) < 0.3
+    layer = SparseLinear.from_dense(torch.ones(6, 8), mask)
+    want = {}
+    for size in (1, 5, 17):
+        for seed in range(20):
+            r, c = sample_inactive_subset(f, g, size, layer.is_active, seed=seed)
+            lin = r * 8 + c
+            assert bool((lin[1:] > lin[:-1]).all()) and not bool(layer.is_active(r, c).any())
+            want[size, seed] = lin
+    monkeypatch.setattr(growth, "_ROUND_CAP", 3)
+    for (size, seed), lin in want.items():
+        r, c = sample_inactive_subset(f, g, size, layer.is_active, seed=seed, max_rounds=10**4)
+        assert torch.equal(r * 8 + c, lin), (size, seed)
 
 
 def test_erdos_renyi_topology_exact_and_uniform():

@@ -60,6 +60,11 @@ def test_sampled_grad_matches_dense_product_in_any_order():
     rows, cols = lin // 9, lin % 9
     torch.testing.assert_close(sampled_grad(delta, x, rows, cols), full[rows, cols],
                                rtol=1e-12, atol=1e-12)
+    # Sorted pairs take the no-permutation path: same values, bit for bit.
+    srt = torch.sort(lin).values
+    torch.testing.assert_close(sampled_grad(delta, x, srt // 9, srt % 9),
+                               sampled_grad(delta, x, rows, cols)[torch.argsort(lin)],
+                               rtol=0, atol=0)
     assert sampled_grad(delta, x, rows[:0], cols[:0]).numel() == 0
     with pytest.raises(ValueError):
         sampled_grad(delta, x[:3], rows, cols)
@@ -95,6 +100,14 @@ def test_is_active_and_topology_order():
     lin = sp.linear_index()
     assert bool((lin[1:] > lin[:-1]).all())  # canonical: strictly increasing
     assert sp.nnz == md.nnz == int(md.mask.sum())
+    # Already-canonical input (fast path, no sort) and shuffled input give the same layer;
+    # a duplicate in sorted input is still rejected.
+    perm = torch.randperm(sp.nnz, generator=g)
+    a = SparseLinear(40, 24, sp.rows, sp.cols, sp.values.detach())
+    b = SparseLinear(40, 24, sp.rows[perm], sp.cols[perm], sp.values.detach()[perm])
+    assert torch.equal(a.to_dense(), b.to_dense()) and torch.equal(a.linear_index(), lin)
+    with pytest.raises(ValueError, match="duplicate"):
+        SparseLinear(40, 24, sp.rows[[0, 0, 1]], sp.cols[[0, 0, 1]], sp.values.detach()[:3])
 
 
 def test_bad_input_is_rejected():
