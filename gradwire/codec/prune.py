@@ -35,7 +35,7 @@ bit 1 now flags Rice positions and bits 4..7 carry k (``FLAG_*``). Packets writt
 existed have bits 1..7 clear and decode unchanged, so FORMAT_VERSION stays 1; an older receiver
 rejects a Rice packet with its "kept format flag" PacketError rather than misreading it. The
 encoder (``positions="auto"``) picks Rice only when it is strictly smaller than the bitmap (the
-header is the same size); ``"bitmap"`` (the default for now, see PruneCodec) / ``"rice"`` force one.
+header is the same size); ``"bitmap"`` / ``"rice"`` force one.
 
 Reference semantics (what ``decode(encode(x, seed=s))`` equals exactly): ``y`` as above with
 ``a = pruning.effective_alpha(lognormal.pruning_threshold_for(fit, S), x.dtype)``; kept entries
@@ -149,14 +149,12 @@ class PruneCodec(Codec):
         kept_exp_bits: exponent bits of that format (default: 4 for 8 bits, i.e. E4M3; else
             roughly half the magnitude bits).
         rounding: rounding of kept values, "stochastic" (unbiased, default) or "nearest".
-        positions: encoding of the nonzero positions: "bitmap" (default, see below), "auto" (Rice
-            when the packet is smaller, else the bitmap; meets the issue-3 size goals at
-            sigma_ln 2..4), or "rice" (forced; tests). Any receiver decodes all of them.
+        positions: encoding of the nonzero positions: "auto" (default: Rice when the packet is
+            smaller, else the bitmap; meets the issue-3 size goals at sigma_ln 2..4), "bitmap" or
+            "rice" (forced). Any receiver decodes all of them.
 
-    Why the default is still "bitmap": tests/unit/test_codec_overhead.py asserts header < 1% of the
-    packet for prune at S=0.99 on 64K elements, which holds only because the bitmap makes that
-    packet ~8 KiB; with "auto" it is ~0.88 KiB (0.11 bits/element) and the unchanged 60-byte
-    header is 6.8%. The default flips to "auto" once that test's owner restates the goal.
+    At very high sparsity the packet gets small enough that the fixed header (~60 bytes) is no
+    longer negligible: S=0.99 on 64K elements is ~0.88 KiB (0.11 bits/element), header 6.8%.
     """
 
     name = "prune"
@@ -164,7 +162,7 @@ class PruneCodec(Codec):
     fixed_rate = False
 
     def __init__(self, sparsity: float, kept_bits: int | None = 8, kept_exp_bits: int | None = None,
-                 rounding: str = "stochastic", positions: str = "bitmap"):
+                 rounding: str = "stochastic", positions: str = "auto"):
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
             raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
         self.sparsity = float(sparsity)
