@@ -22,13 +22,16 @@ inline uint32_t selu(bool c, uint32_t a, uint32_t b) { return b ^ ((a ^ b) & m32
 inline int32_t seli(bool c, int32_t a, int32_t b) { return b ^ ((a ^ b) & static_cast<int32_t>(m32(c))); }
 }  // namespace fpl
 
-// codes[j] = fp_encode_one(f32_from_bits(xb[j]), p, keys, ctr_j) for every j whose input is not
-// a float32 subnormal; r24[j] = random_u32(..) >> 8 (read only when kStochastic). Returns the
+// codes[j] = fp_encode_one(f32_from_bits(src.x(j)), p, keys, ctr_j) for every j whose input is
+// not a float32 subnormal; src.r24(j) = random_u32(..) >> 8 (read only when kStochastic). Returns the
 // number of subnormal inputs, whose codes the caller must redo.
-template <bool kStochastic>
-__attribute__((always_inline)) inline int fp_codes_lanes_impl(const uint32_t* xb, const uint32_t* r24, int cnt, FpParams p,
-                                  uint8_t* codes) {
+template <bool kStochastic, typename Src, typename OutT>
+__attribute__((always_inline)) inline int fp_codes_lanes_impl(const Src& src_in, int cnt, FpParams p,
+                                                              OutT* codes) {
   using namespace fpl;
+  // A local copy: read through the reference, the source's fields could alias `codes` (a char
+  // type), which forces a reload per element and blocks vectorisation.
+  const Src src = src_in;
   const int32_t man_bits = p.man_bits, emin = p.emin, emax = p.emax;
   const int32_t scale_exp = p.scale_exp;
   const bool subn = p.subnormals != 0;
@@ -36,7 +39,7 @@ __attribute__((always_inline)) inline int fp_codes_lanes_impl(const uint32_t* xb
   const int32_t sshift = p.bits - 1;
   int nsub = 0;
   for (int j = 0; j < cnt; ++j) {
-    const uint32_t x = xb[j];
+    const uint32_t x = src.x(j);
     const uint32_t ab = x & 0x7FFFFFFFu;
     const bool nonfin = (x & 0x7F800000u) == 0x7F800000u;
     const bool zero = ab == 0u;
@@ -63,7 +66,7 @@ __attribute__((always_inline)) inline int fp_codes_lanes_impl(const uint32_t* xb
       const int32_t dc = seli(d > 25, 25, d) & 31;
       const uint32_t neg = static_cast<uint32_t>(-d) & 31u;
       const uint32_t thresh = selu(d <= 0, rem << neg, (rem + ((1u << dc) - 1u)) >> dc);
-      up = m32(r24[j] < thresh);
+      up = m32(src.r24(j) < thresh);
     } else {
       const uint32_t half = 1u << ((sq - 1) & 31);
       up = m32((shift <= 24) & ((rem > half) | ((rem == half) & ((lo & 1u) != 0u))));
@@ -73,24 +76,45 @@ __attribute__((always_inline)) inline int fp_codes_lanes_impl(const uint32_t* xb
     code = selu(ey > emax, sbit | max_mag, code);      // saturate (no upper neighbour)
     code = selu(zero, 0u, code);
     code = selu(nonfin, nonfinite, code);
-    codes[j] = static_cast<uint8_t>(code);
+    codes[j] = static_cast<OutT>(code);
   }
   return nsub;
 }
+
+// Element sources for fp_codes_lanes_impl: float32 bits and r24 = random_u32(..) >> 8 of lane j.
+// ArraySrc reads precomputed arrays. Bf16HashSrc widens bf16 bits in the lane (a bf16 is the top
+// half of a float32) and hashes the counter there (hash_r24_block's loop spelled inline, valid
+// while the counter's high word is constant over the block), so the block is one pass: no xb /
+// r24 arrays written and read back.
+struct ArraySrc {
+  const uint32_t* xb;
+  const uint32_t* r;
+  __attribute__((always_inline)) uint32_t x(int j) const { return xb[j]; }
+  __attribute__((always_inline)) uint32_t r24(int j) const { return r[j]; }
+};
+struct Bf16HashSrc {
+  const uint16_t* u;
+  uint32_t lo0, hi, key1, key2;  // counter of lane j: hi * 2**32 + lo0 + j
+  __attribute__((always_inline)) uint32_t x(int j) const { return static_cast<uint32_t>(u[j]) << 16; }
+  __attribute__((always_inline)) uint32_t r24(int j) const {
+    const uint32_t h = mix32((lo0 + static_cast<uint32_t>(j)) ^ key1);
+    return mix32(h + hi + key2) >> 8;
+  }
+};
 
 // Dispatch: an AVX-512 copy with 512-bit vectors (GCC defaults to 256-bit ones even with
 // AVX-512; this loop has no reductions across lanes, so the wide form halves the instructions),
 // an AVX2 copy, and the baseline one. The CPU is probed once; no -march flag is needed.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-template <bool kStochastic>
+template <bool kStochastic, typename Src, typename OutT>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,prefer-vector-width=512"))) int
-fp_codes_lanes_avx512(const uint32_t* xb, const uint32_t* r24, int cnt, FpParams p, uint8_t* codes) {
-  return fp_codes_lanes_impl<kStochastic>(xb, r24, cnt, p, codes);
+fp_codes_lanes_avx512(const Src& src, int cnt, FpParams p, OutT* codes) {
+  return fp_codes_lanes_impl<kStochastic>(src, cnt, p, codes);
 }
-template <bool kStochastic>
-__attribute__((target("avx2"))) int fp_codes_lanes_avx2(const uint32_t* xb, const uint32_t* r24,
-                                                        int cnt, FpParams p, uint8_t* codes) {
-  return fp_codes_lanes_impl<kStochastic>(xb, r24, cnt, p, codes);
+template <bool kStochastic, typename Src, typename OutT>
+__attribute__((target("avx2"))) int fp_codes_lanes_avx2(const Src& src, int cnt, FpParams p,
+                                                        OutT* codes) {
+  return fp_codes_lanes_impl<kStochastic>(src, cnt, p, codes);
 }
 inline int simd_level() {
   static const int level = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
@@ -103,12 +127,19 @@ inline int simd_level() {
 inline int simd_level() { return 0; }
 #endif
 
-template <bool kStochastic>
-int fp_codes_lanes(const uint32_t* xb, const uint32_t* r24, int cnt, const FpParams& p, uint8_t* codes) {
+// codes: uint8_t, or uint32_t (one 32-bit lane per code: the loop then vectorises at 16 lanes
+// per zmm; with byte outputs GCC widens it to 64 elements per iteration and spills registers).
+template <bool kStochastic, typename Src, typename OutT>
+int fp_codes_lanes_src(const Src& src, int cnt, const FpParams& p, OutT* codes) {
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
   const int level = simd_level();
-  if (level == 2) return fp_codes_lanes_avx512<kStochastic>(xb, r24, cnt, p, codes);
-  if (level == 1) return fp_codes_lanes_avx2<kStochastic>(xb, r24, cnt, p, codes);
+  if (level == 2) return fp_codes_lanes_avx512<kStochastic>(src, cnt, p, codes);
+  if (level == 1) return fp_codes_lanes_avx2<kStochastic>(src, cnt, p, codes);
 #endif
-  return fp_codes_lanes_impl<kStochastic>(xb, r24, cnt, p, codes);
+  return fp_codes_lanes_impl<kStochastic>(src, cnt, p, codes);
+}
+
+template <bool kStochastic>
+int fp_codes_lanes(const uint32_t* xb, const uint32_t* r24, int cnt, const FpParams& p, uint8_t* codes) {
+  return fp_codes_lanes_src<kStochastic>(ArraySrc{xb, r24}, cnt, p, codes);
 }

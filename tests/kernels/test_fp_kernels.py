@@ -156,8 +156,10 @@ def test_malformed_input_refused():
 
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
 def test_table_path_for_16bit_inputs_bit_exact(dtype):
-    # n >= 2**18: the C++ kernel tabulates the decision per 16-bit pattern and takes the
-    # statistics from a histogram; both must still give the oracle's bytes and exact counts.
+    # n >= 2**18: for fp16 the C++ kernel tabulates the decision per 16-bit pattern; bf16 takes
+    # the fused lanes (hash inline, and the offset makes the first block cross a 2**32 counter
+    # boundary: the fallback path). Statistics come from the |x| histogram. Both must give the
+    # oracle's bytes and exact counts.
     n = 2**18 + 13
     x = lognormal_sample(n, seed=11, dtype=dtype)
     for fmt, s in ((FPFormat(4, 1), 9), (FPFormat(3, 0, subnormals=False), -4)):
