@@ -64,10 +64,15 @@ def check_bits(name: str, v: Any, lo: int, hi: int) -> int:
     return v
 
 
+def check_choice(name: str, value: Any, choices) -> Any:
+    """``value`` if it is one of ``choices``, else a ValueError naming the parameter and the options."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
 def check_rounding(rounding: Any) -> str:
-    if rounding not in ROUNDING_CODES:
-        raise ValueError(f"rounding must be one of {sorted(ROUNDING_CODES)}, got {rounding!r}")
-    return rounding
+    return check_choice("rounding", rounding, sorted(ROUNDING_CODES))
 
 
 def usable_fit(x: torch.Tensor, fit: Any | None):
@@ -166,15 +171,11 @@ def choose_format(bits: int, exp_bits: int | None, rounding: str, fit, scale: st
 
 
 def check_split(split: Any) -> str:
-    if split not in SPLIT_MODES:
-        raise ValueError(f"split must be one of {SPLIT_MODES}, got {split!r}")
-    return split
+    return check_choice("split", split, SPLIT_MODES)
 
 
 def check_scale(scale: Any) -> str:
-    if scale not in SCALE_MODES:
-        raise ValueError(f"scale must be one of {SCALE_MODES}, got {scale!r}")
-    return scale
+    return check_choice("scale", scale, SCALE_MODES)
 
 
 def pack_format(fmt, rounding: str, scale_exp: int) -> bytes:
