@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -19,22 +20,24 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
-@pytest.fixture
-def single_thread():
+@contextlib.contextmanager
+def _one_intra_op_thread():
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def single_thread():
+    with _one_intra_op_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
 def one_thread_per_module():
     """``single_thread`` for a whole test module (``pytestmark = usefixtures(...)``)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _one_intra_op_thread():
         yield
-    finally:
-        torch.set_num_threads(previous)
