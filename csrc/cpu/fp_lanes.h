@@ -16,6 +16,10 @@
 #pragma once
 #include <stdint.h>
 
+#include <algorithm>
+#include <cstdlib>
+#include <string>
+
 namespace fpl {
 inline uint32_t m32(bool c) { return 0u - static_cast<uint32_t>(c); }
 inline uint32_t selu(bool c, uint32_t a, uint32_t b) { return b ^ ((a ^ b) & m32(c)); }
@@ -69,7 +73,9 @@ __attribute__((always_inline)) inline int fp_codes_lanes_impl(const Src& src_in,
       up = m32(src.r24(j) < thresh);
     } else {
       const uint32_t half = 1u << ((sq - 1) & 31);
-      up = m32((shift <= 24) & ((rem > half) | ((rem == half) & ((lo & 1u) != 0u))));
+      // Masks combined as uint32, not bool: GCC does not vectorise the bool form.
+      const uint32_t tie_odd = m32(rem == half) & (0u - (lo & 1u));
+      up = m32(shift <= 24) & (m32(rem > half) | tie_odd);
     }
     const uint32_t mag = (hi & up) | (lo & ~up);
     uint32_t code = selu(mag != 0u, sbit | mag, 0u);
@@ -116,11 +122,22 @@ __attribute__((target("avx2"))) int fp_codes_lanes_avx2(const Src& src, int cnt,
                                                         OutT* codes) {
   return fp_codes_lanes_impl<kStochastic>(src, cnt, p, codes);
 }
+// 2: AVX-512 (F/BW/VL/DQ), 1: AVX2, 0: baseline. GRADWIRE_CPU_SIMD=avx2|none caps it (to test
+// or compare the narrower paths on a wider CPU); it never raises the level above the CPU's.
 inline int simd_level() {
-  static const int level = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-                                   __builtin_cpu_supports("avx512dq")
-                               ? 2
-                               : (__builtin_cpu_supports("avx2") ? 1 : 0);
+  static const int level = [] {
+    int cpu = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                      __builtin_cpu_supports("avx512dq")
+                  ? 2
+                  : (__builtin_cpu_supports("avx2") ? 1 : 0);
+    const char* env = std::getenv("GRADWIRE_CPU_SIMD");
+    const std::string cap = env ? env : "";
+    TORCH_CHECK(cap.empty() || cap == "avx512" || cap == "avx2" || cap == "none",
+                "GRADWIRE_CPU_SIMD must be avx512, avx2 or none (or unset), got '", cap, "'");
+    if (cap == "avx2") cpu = std::min(cpu, 1);
+    if (cap == "none") cpu = 0;
+    return cpu;
+  }();
   return level;
 }
 #else

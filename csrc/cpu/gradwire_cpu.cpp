@@ -170,7 +170,8 @@ GW_SIMD_CLONES void hash_r24_block(RngKeys keys, uint64_t first, int count, uint
 // table (it cost 512 KiB of cache and a dependent load per element).
 // 16-bit inputs take their statistics from a histogram of |x| patterns (2**15 integer bins: exact
 // and order-free), turned into sums once, in bin order -- the same function as moment_stats.
-#include "fp_lanes.h"  // fp_codes_lanes
+#include "fp_lanes.h"       // fp_codes_lanes: every input, every case, in 32-bit lanes
+#include "fp_bf16_fast.h"  // bf16 inputs: explicit AVX-512 / AVX2 lanes, rare cases per group
 
 constexpr int kEncBlock = 1024;  // a multiple of 8: every block starts on a packed byte boundary
 constexpr int kAbsBins = 1 << 15;
@@ -404,24 +405,51 @@ GW_SIMD_CLONES void narrow_codes(const uint32_t* c32, int cnt, uint8_t* codes) {
   for (int j = 0; j < cnt; ++j) codes[j] = static_cast<uint8_t>(c32[j]);
 }
 
+// Codes (bytes) of the bf16 block u[0, cnt), counters hi * 2**32 + lo0 + j with no carry into
+// hi: the explicit AVX-512 / AVX2 lanes (fp_bf16_fast.h) for whole 16-lane groups, the general
+// lanes (hash inline) for the rest. Returns the number of float32-subnormal inputs to redo.
+template <bool kStochastic>
+int bf16_block_codes(const uint16_t* u, int cnt, const FpParams& p, const Bf16FastParams& fast,
+                     RngKeys keys, uint32_t lo0, uint32_t hi, uint8_t* codes) {
+  int done = 0, nsub = 0;
+#ifdef GW_HAVE_BF16_FAST
+  const int level = simd_level();
+  if (level >= 1) {
+    const int ngroups = cnt / kFastGroup;
+    nsub = level == 2 ? bf16_codes_avx512<kStochastic>(u, ngroups, fast, lo0, hi, keys.key1, keys.key2, codes)
+                      : bf16_codes_avx2<kStochastic>(u, ngroups, fast, lo0, hi, keys.key1, keys.key2, codes);
+    done = ngroups * kFastGroup;
+  }
+#else
+  (void)fast;
+#endif
+  if (done < cnt) {
+    uint32_t c32[kEncBlock];
+    const Bf16HashSrc src{u + done, lo0 + static_cast<uint32_t>(done), hi, keys.key1, keys.key2};
+    nsub += fp_codes_lanes_src<kStochastic>(src, cnt - done, p, c32);
+    narrow_codes(c32, cnt - done, codes + done);
+  }
+  return nsub;
+}
+
 // bf16 elements [begin, end) (begin a multiple of 8): per block, codes in one pass over the raw
-// bits with the hash inline (Bf16HashSrc: no xb / r24 arrays written and read back), the |x|
-// histogram, then packing.
+// bits with the hash inline (no widened-input or random-number arrays written and read back),
+// the |x| histogram, then packing.
 template <bool kStochastic>
 void encode_bf16_range(const uint16_t* u, int64_t begin, int64_t end, const FpParams& p,
                        RngKeys keys, uint64_t offset, uint8_t* out, const uint8_t* limit,
                        uint32_t* h) {
-  uint32_t xb[kEncBlock], r[kEncBlock], c32[kEncBlock];
+  uint32_t xb[kEncBlock], r[kEncBlock];
   uint8_t codes[kEncBlock + 8];
+  const Bf16FastParams fast = bf16_fast_params(p);
   for (int64_t g = begin; g < end; g += kEncBlock) {
     const int cnt = static_cast<int>(std::min<int64_t>(kEncBlock, end - g));
     const uint64_t first = offset + static_cast<uint64_t>(g);
     const uint32_t lo0 = static_cast<uint32_t>(first);
     int nsub;
     if (!kStochastic || static_cast<uint64_t>(lo0) + static_cast<uint64_t>(cnt) <= 0x100000000ull) {
-      const Bf16HashSrc src{u + g, lo0, static_cast<uint32_t>(first >> 32), keys.key1, keys.key2};
-      nsub = fp_codes_lanes_src<kStochastic>(src, cnt, p, c32);
-      narrow_codes(c32, cnt, codes);
+      nsub = bf16_block_codes<kStochastic>(u + g, cnt, p, fast, keys, lo0,
+                                           static_cast<uint32_t>(first >> 32), codes);
     } else {  // the counter's high word changes inside this block (once per 2**32 elements)
       widen_bits(reinterpret_cast<const c10::BFloat16*>(u) + g, cnt, xb);
       hash_r24_block(keys, first, cnt, r);
@@ -485,6 +513,7 @@ std::tuple<at::Tensor, at::Tensor> fp_encode_cpu(const at::Tensor& x_in, int64_t
                                                  bool subnormals, int64_t scale_exp,
                                                  bool stochastic, int64_t seed, int64_t offset) {
   check_float_input(x_in, "gradwire::fp_encode");
+  simd_level();  // a bad GRADWIRE_CPU_SIMD is reported here, not from inside a worker thread
   TORCH_CHECK(seed >= 0 && seed <= 0xFFFFFFFFll, "seed must be in [0, 2**32)");
   TORCH_CHECK(offset >= 0, "offset must be >= 0");
   const FpParams p = make_params(exp_bits, man_bits, bias, subnormals, scale_exp, stochastic);

@@ -3,6 +3,9 @@ rounding, scale and odd size; statistics exact in counts and within a derived bo
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -52,6 +55,71 @@ def test_encode_bit_exact(fmt):
             for s in SCALES:
                 packed, stats = ops.fp_encode(x, fmt, rounding, scale_exp=s, seed=99, offset=5)
                 assert torch.equal(packed, _oracle(x, fmt, rounding, s, 99, 5)), (dtype, rounding, s)
+
+
+def every_bf16_pattern(seed: int) -> torch.Tensor:
+    """All 65536 bf16 bit patterns (zeros, subnormals, normals, Inf, NaN; both signs), shuffled
+    so that 16-lane groups mix the cases the vector paths branch on."""
+    perm = torch.randperm(65536, generator=torch.Generator().manual_seed(seed))
+    return perm.to(torch.int32).to(torch.int16).view(torch.bfloat16)  # int16 wraps: same bits
+
+
+# Scales that put every case (normal cell, sub-normal cell, saturation) in one call, and the
+# extremes where the bf16 exponent range lies wholly above or below the format's.
+BF16_SCALES = (0, 7, -9, 126, -126, 140, 300, -300)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_every_bf16_pattern_bit_exact(fmt):
+    # bf16 inputs take explicit AVX-512/AVX2 lanes (fp_bf16_fast.h) with a separate sub-normal-cell
+    # branch and a scalar redo of float32 subnormals: every pattern, every scale above, both
+    # roundings, against the oracle. 65536 % 16 == 0, so the general lanes' tail path is idle here
+    # (test_encode_odd_sizes_and_chunk_edges covers it).
+    x = every_bf16_pattern(fmt.bits * 7 + fmt.man_bits)
+    for rounding in Rounding:
+        for s in BF16_SCALES:
+            packed, _ = ops.fp_encode(x, fmt, rounding, scale_exp=s, seed=12, offset=2**32 + 3)
+            assert torch.equal(packed, _oracle(x, fmt, rounding, s, 12, 2**32 + 3)), (rounding, s)
+
+
+_SIMD_CHILD = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from gradwire import _build, ops
+from gradwire.numerics.fp import FPFormat, Rounding
+from tests.kernels.test_fp_kernels import BF16_SCALES, _oracle, every_bf16_pattern, lognormal_sample
+_build.load_native()
+assert ops.implementation("fp_encode", "cpu") == "native", _build.STATUS
+for fmt in (FPFormat(4, 1), FPFormat(3, 2, bias=1, subnormals=False), FPFormat(2, 5), FPFormat(7, 0)):
+    for x in (every_bf16_pattern(1), lognormal_sample(4099, seed=2, dtype=torch.bfloat16),
+              lognormal_sample(4099, seed=3), lognormal_sample(4099, seed=4, dtype=torch.float16)):
+        for rounding in Rounding:
+            for s in BF16_SCALES:
+                packed, _ = ops.fp_encode(x, fmt, rounding, scale_exp=s, seed=5, offset=9)
+                assert torch.equal(packed, _oracle(x, fmt, rounding, s, 5, 9)), (fmt, x.dtype, rounding, s)
+print("bit-exact")
+"""
+
+
+def _run_child(simd: str) -> subprocess.CompletedProcess:
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, GRADWIRE_CPU_SIMD=simd)
+    return subprocess.run([sys.executable, "-c", _SIMD_CHILD.format(root=root)], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("simd", ["avx2", "none"])
+def test_narrower_simd_paths_bit_exact(simd):
+    # The CPU picks the widest FP encode path once per process; GRADWIRE_CPU_SIMD caps it, so the
+    # AVX2 and baseline paths are checked on an AVX-512 machine too (in a child process).
+    res = _run_child(simd)
+    assert res.returncode == 0 and "bit-exact" in res.stdout, res.stdout + res.stderr
+
+
+def test_bad_simd_cap_is_a_clear_error():
+    res = _run_child("sse9")
+    assert res.returncode != 0
+    assert "GRADWIRE_CPU_SIMD must be avx512, avx2 or none" in res.stderr, res.stderr
 
 
 @pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 65535, 65536 + 9])
