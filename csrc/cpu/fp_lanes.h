@@ -122,12 +122,12 @@ __attribute__((target("avx2"))) int fp_codes_lanes_avx2(const Src& src, int cnt,
                                                         OutT* codes) {
   return fp_codes_lanes_impl<kStochastic>(src, cnt, p, codes);
 }
-// 2: AVX-512 (F/BW/VL/DQ), 1: AVX2, 0: baseline. GRADWIRE_CPU_SIMD=avx2|none caps it (to test
+// 2: AVX-512 (F/BW/VL/DQ) with BMI2, 1: AVX2, 0: baseline. GRADWIRE_CPU_SIMD=avx2|none caps it (to test
 // or compare the narrower paths on a wider CPU); it never raises the level above the CPU's.
 inline int simd_level() {
   static const int level = [] {
     int cpu = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-                      __builtin_cpu_supports("avx512dq")
+                      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("bmi2")
                   ? 2
                   : (__builtin_cpu_supports("avx2") ? 1 : 0);
     const char* env = std::getenv("GRADWIRE_CPU_SIMD");

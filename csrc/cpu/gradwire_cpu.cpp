@@ -327,23 +327,9 @@ std::vector<int64_t> parallel_hist(int64_t n, const F& body) {
 // Histogram of |x| patterns of u[begin, end) into two banks of h. Eight elements per step from
 // two 64-bit loads: measured ~2x faster than indexing element by element with (i & 1) banks.
 inline void hist16(const uint16_t* u, int64_t begin, int64_t end, uint32_t* h) {
-  uint32_t* h0 = h;
-  uint32_t* h1 = h + kAbsBins;
   int64_t i = begin;
-  for (; i + 8 <= end; i += 8) {
-    uint64_t v, w;
-    std::memcpy(&v, u + i, 8);
-    std::memcpy(&w, u + i + 4, 8);
-    ++h0[v & 0x7FFF];
-    ++h1[(v >> 16) & 0x7FFF];
-    ++h0[(v >> 32) & 0x7FFF];
-    ++h1[(v >> 48) & 0x7FFF];
-    ++h0[w & 0x7FFF];
-    ++h1[(w >> 16) & 0x7FFF];
-    ++h0[(w >> 32) & 0x7FFF];
-    ++h1[(w >> 48) & 0x7FFF];
-  }
-  for (; i < end; ++i) ++h0[u[i] & 0x7FFF];
+  for (; i + 8 <= end; i += 8) hist8_abs16(u + i, h, h + kAbsBins);
+  for (; i < end; ++i) ++h[u[i] & 0x7FFF];
 }
 
 // Large fp16 inputs: a 16-bit input has only 2**16 bit patterns, so the encode decision is
@@ -405,66 +391,72 @@ GW_SIMD_CLONES void narrow_codes(const uint32_t* c32, int cnt, uint8_t* codes) {
   for (int j = 0; j < cnt; ++j) codes[j] = static_cast<uint8_t>(c32[j]);
 }
 
-// Codes (bytes) of the bf16 block u[0, cnt), counters hi * 2**32 + lo0 + j with no carry into
-// hi: the explicit AVX-512 / AVX2 lanes (fp_bf16_fast.h) for whole 16-lane groups, the general
-// lanes (hash inline) for the rest. Returns the number of float32-subnormal inputs to redo.
+// One bf16 block u[0, cnt) (cnt <= kEncBlock), counters first + j: codes, the |x| histogram into
+// h, packed bytes to o (`limit` as in pack_codes). Whole 16-lane groups take the explicit lanes of
+// fp_bf16_fast.h (which also histogram them and, with AVX-512, pack them); the rest, and blocks
+// whose counters cross a 2**32 boundary, take the general lanes.
 template <bool kStochastic>
-int bf16_block_codes(const uint16_t* u, int cnt, const FpParams& p, const Bf16FastParams& fast,
-                     RngKeys keys, uint32_t lo0, uint32_t hi, uint8_t* codes) {
-  int done = 0, nsub = 0;
+void encode_bf16_block(const uint16_t* u, int cnt, const FpParams& p, const Bf16FastParams& fast,
+                       RngKeys keys, uint64_t first, uint8_t* codes, uint32_t* h, uint8_t* o,
+                       const uint8_t* limit) {
+  const uint32_t lo0 = static_cast<uint32_t>(first);
+  const uint32_t hi = static_cast<uint32_t>(first >> 32);
+  int done = 0;    // codes and histogram done by the explicit lanes
+  int packed = 0;  // of which also packed
+  int nsub = 0;
+  if (!kStochastic || static_cast<uint64_t>(lo0) + static_cast<uint64_t>(cnt) <= 0x100000000ull) {
 #ifdef GW_HAVE_BF16_FAST
-  const int level = simd_level();
-  if (level >= 1) {
+    const int level = simd_level();
     const int ngroups = cnt / kFastGroup;
-    nsub = level == 2 ? bf16_codes_avx512<kStochastic>(u, ngroups, fast, lo0, hi, keys.key1, keys.key2, codes)
-                      : bf16_codes_avx2<kStochastic>(u, ngroups, fast, lo0, hi, keys.key1, keys.key2, codes);
-    done = ngroups * kFastGroup;
-  }
-#else
-  (void)fast;
-#endif
-  if (done < cnt) {
-    uint32_t c32[kEncBlock];
-    const Bf16HashSrc src{u + done, lo0 + static_cast<uint32_t>(done), hi, keys.key1, keys.key2};
-    nsub += fp_codes_lanes_src<kStochastic>(src, cnt - done, p, c32);
-    narrow_codes(c32, cnt - done, codes + done);
-  }
-  return nsub;
-}
-
-// bf16 elements [begin, end) (begin a multiple of 8): per block, codes in one pass over the raw
-// bits with the hash inline (no widened-input or random-number arrays written and read back),
-// the |x| histogram, then packing.
-template <bool kStochastic>
-void encode_bf16_range(const uint16_t* u, int64_t begin, int64_t end, const FpParams& p,
-                       RngKeys keys, uint64_t offset, uint8_t* out, const uint8_t* limit,
-                       uint32_t* h) {
-  uint32_t xb[kEncBlock], r[kEncBlock];
-  uint8_t codes[kEncBlock + 8];
-  const Bf16FastParams fast = bf16_fast_params(p);
-  for (int64_t g = begin; g < end; g += kEncBlock) {
-    const int cnt = static_cast<int>(std::min<int64_t>(kEncBlock, end - g));
-    const uint64_t first = offset + static_cast<uint64_t>(g);
-    const uint32_t lo0 = static_cast<uint32_t>(first);
-    int nsub;
-    if (!kStochastic || static_cast<uint64_t>(lo0) + static_cast<uint64_t>(cnt) <= 0x100000000ull) {
-      nsub = bf16_block_codes<kStochastic>(u + g, cnt, p, fast, keys, lo0,
-                                           static_cast<uint32_t>(first >> 32), codes);
-    } else {  // the counter's high word changes inside this block (once per 2**32 elements)
-      widen_bits(reinterpret_cast<const c10::BFloat16*>(u) + g, cnt, xb);
-      hash_r24_block(keys, first, cnt, r);
-      nsub = fp_codes_lanes<kStochastic>(xb, r, cnt, p, codes);
+    if (level == 2) {
+      nsub = bf16_codes_avx512<kStochastic>(u, ngroups, fast, lo0, hi, keys.key1, keys.key2, codes,
+                                            h, p.bits, o, limit);
+      done = packed = ngroups * kFastGroup;
+    } else if (level == 1) {
+      nsub = bf16_codes_avx2<kStochastic>(u, ngroups, fast, lo0, hi, keys.key1, keys.key2, codes, h);
+      done = ngroups * kFastGroup;
     }
-    for (int j = 0; nsub && j < cnt; ++j) {  // float32 subnormals: the scalar fp_split
-      const uint32_t xj = static_cast<uint32_t>(u[g + j]) << 16;
+#else
+    (void)fast;
+#endif
+    if (done < cnt) {
+      uint32_t c32[kEncBlock];
+      const Bf16HashSrc src{u + done, lo0 + static_cast<uint32_t>(done), hi, keys.key1, keys.key2};
+      nsub += fp_codes_lanes_src<kStochastic>(src, cnt - done, p, c32);
+      narrow_codes(c32, cnt - done, codes + done);
+    }
+  } else {  // the counter's high word changes inside this block (once per 2**32 elements)
+    uint32_t xb[kEncBlock], r[kEncBlock];
+    widen_bits(reinterpret_cast<const c10::BFloat16*>(u), cnt, xb);
+    hash_r24_block(keys, first, cnt, r);
+    nsub = fp_codes_lanes<kStochastic>(xb, r, cnt, p, codes);
+  }
+  hist16(u, done, cnt, h);
+  if (nsub) {  // float32 subnormals: the scalar fp_split, then pack the whole block again
+    for (int j = 0; j < cnt; ++j) {
+      const uint32_t xj = static_cast<uint32_t>(u[j]) << 16;
       if ((xj & 0x7F800000u) || !(xj & 0x7FFFFFFFu)) continue;
       const FpSplit sp = fp_split(f32_from_bits(xj), p);
       codes[j] = static_cast<uint8_t>(kStochastic && (random_u32(keys, first + j) >> 8) < sp.thresh
                                           ? sp.hi : sp.lo);
     }
-    hist16(u, g, g + cnt, h);
-    std::memset(codes + cnt, 0, 8);
-    pack_codes(codes, cnt, p.bits, out + g / 8 * p.bits, limit);
+    packed = 0;
+  }
+  std::memset(codes + cnt, 0, 8);
+  pack_codes(codes + packed, cnt - packed, p.bits, o + packed / 8 * p.bits, limit);
+}
+
+// bf16 elements [begin, end) (begin a multiple of 8), block by block.
+template <bool kStochastic>
+void encode_bf16_range(const uint16_t* u, int64_t begin, int64_t end, const FpParams& p,
+                       RngKeys keys, uint64_t offset, uint8_t* out, const uint8_t* limit,
+                       uint32_t* h) {
+  uint8_t codes[kEncBlock + 8];
+  const Bf16FastParams fast = bf16_fast_params(p);
+  for (int64_t g = begin; g < end; g += kEncBlock) {
+    const int cnt = static_cast<int>(std::min<int64_t>(kEncBlock, end - g));
+    encode_bf16_block<kStochastic>(u + g, cnt, p, fast, keys, offset + static_cast<uint64_t>(g),
+                                   codes, h, out + g / 8 * p.bits, limit);
   }
 }
 
