@@ -23,9 +23,8 @@
 // subnormals (ea == 0, ab != 0) are counted, not encoded: the caller redoes them with fp_split,
 // as for the general lanes. tests/kernels check every bf16 pattern against the reference.
 #pragma once
-#include <stdint.h>
-
-#include <cstring>
+// Included inside a namespace: <cstring>, <stdint.h> and (x86) <immintrin.h> come first in the
+// translation unit (gradwire_cpu.cpp).
 
 constexpr int kFastGroup = 16;  // lanes per loop step: one zmm, two ymm
 
@@ -70,7 +69,6 @@ inline void hist8_abs16(const uint16_t* u, uint32_t* h0, uint32_t* h1) {
 }
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#include <immintrin.h>
 #define GW_HAVE_BF16_FAST 1
 #define GW_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,bmi2")))
 #define GW_TARGET_AVX2 __attribute__((target("avx2")))
@@ -180,8 +178,8 @@ GW_TARGET_AVX512 int bf16_codes_avx512(const uint16_t* u, int ngroups, const Bf1
   return nsub;
 }
 
-// bf16_codes_avx512 in 8-lane halves, without the packing (pext is slow microcode on Zen 1/2,
-// which have AVX2: the caller packs). AVX2 compares are signed: every compared value here is
+// bf16_codes_avx512 in 8-lane halves, without the packing (the caller packs: pack_codes). AVX2
+// compares are signed: every compared value here is
 // below 2**24 (or ab - 1 >= -1), so they are exact; lo - up with up = -1 adds one.
 template <bool kStochastic>
 GW_TARGET_AVX2 int bf16_codes_avx2(const uint16_t* u, int ngroups, const Bf16FastParams& f,

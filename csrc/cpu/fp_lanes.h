@@ -14,11 +14,8 @@
 //    AVX2 form).
 // Lanes that saturate, are zero or non-finite are overridden at the end, as fp_split returns early.
 #pragma once
-#include <stdint.h>
-
-#include <algorithm>
-#include <cstdlib>
-#include <string>
+// Included inside a namespace: <stdint.h>, <algorithm>, <cstdlib> and <string> come first in the
+// translation unit.
 
 namespace fpl {
 inline uint32_t m32(bool c) { return 0u - static_cast<uint32_t>(c); }

@@ -12,11 +12,19 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include <stdint.h>
+
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <string>
 #include <type_traits>
 #include <vector>
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>  // fp_bf16_fast.h
+#endif
 
 #include "../common/fp_codec.h"
 #include "../common/nm.h"

@@ -111,7 +111,10 @@ def _run_child(simd: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("simd", ["avx2", "none"])
 def test_narrower_simd_paths_bit_exact(simd):
     # The CPU picks the widest FP encode path once per process; GRADWIRE_CPU_SIMD caps it, so the
-    # AVX2 and baseline paths are checked on an AVX-512 machine too (in a child process).
+    # AVX2 and baseline paths are checked on an AVX-512 machine too (in a child process). Python
+    # cannot see which path ran: that the cap is read is shown by the next test, that it takes
+    # effect only by reading simd_level() in fp_lanes.h. On a CPU without AVX-512 the parent and the
+    # avx2 child run the same path.
     res = _run_child(simd)
     assert res.returncode == 0 and "bit-exact" in res.stdout, res.stdout + res.stderr
 
