@@ -227,8 +227,12 @@ __attribute__((target("bmi2"))) void pack_codes_bmi2(const uint8_t* codes, int c
 #endif
 inline void pack_codes(const uint8_t* codes, int cnt, int bits, uint8_t* o, const uint8_t* limit) {
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-  static const bool has_bmi2 = __builtin_cpu_supports("bmi2");
-  if (has_bmi2) return pack_codes_bmi2(codes, cnt, bits, o, limit);
+  // Zen 1 and Zen 2 (EPYC Naples/Rome) have BMI2 but run pext as microcode taking hundreds of
+  // cycles for a mask like ours: the shift-and-or loop is far faster there. GRADWIRE_CPU_SIMD=none
+  // (simd_level() == 0) takes that loop too, so the tests cover it on any machine.
+  static const bool fast_pext = __builtin_cpu_supports("bmi2") && !__builtin_cpu_is("znver1") &&
+                                !__builtin_cpu_is("znver2") && simd_level() > 0;
+  if (fast_pext) return pack_codes_bmi2(codes, cnt, bits, o, limit);
 #endif
   pack_codes_impl(codes, cnt, bits, o, limit, false);
 }
