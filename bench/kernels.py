@@ -73,6 +73,17 @@ def timeit_paired(fn, base, device: str, repeat: int) -> tuple[float, float, flo
     return statistics.median(tf), statistics.median(tb), statistics.median(ratios)
 
 
+def _git_commit() -> str | None:
+    """HEAD of the checkout the benchmark ran from (None outside a git checkout)."""
+    import subprocess
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -139,6 +150,7 @@ def main() -> None:
         "dtype": "bfloat16",
         "implementations": impls,
         "command": "python " + " ".join(sys.argv),
+        "git_commit": _git_commit(),
         # The CPU is shared: ratios move with the load (1/5/15-minute averages, before the run).
         "load_average_before": list(os.getloadavg()),
         "malloc_env": {k: os.environ.get(k) for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")},
