@@ -174,8 +174,8 @@ GW_SIMD_CLONES void hash_r24_block(RngKeys keys, uint64_t first, int count, uint
 
 // ---- FP encode: vectorised codes, packing, statistics --------------------------------------
 // Per block of kEncBlock elements: widen to float32 bits, hash the block's counters (stochastic
-// rounding), compute the codes in vector lanes (fp_lanes.h), pack them LSB-first. No per-pattern
-// table (it cost 512 KiB of cache and a dependent load per element).
+// rounding), compute the codes in vector lanes (fp_lanes.h), pack them LSB-first; bf16 inputs
+// do all of it, histogram included, in one loop (fp_bf16_fast.h, encode_bf16_block).
 // 16-bit inputs take their statistics from a histogram of |x| patterns (2**15 integer bins: exact
 // and order-free), turned into sums once, in bin order -- the same function as moment_stats.
 #include "fp_lanes.h"       // fp_codes_lanes: every input, every case, in 32-bit lanes
@@ -346,10 +346,9 @@ inline void hist16(const uint16_t* u, int64_t begin, int64_t end, uint32_t* h) {
 
 // Large fp16 inputs: a 16-bit input has only 2**16 bit patterns, so the encode decision is
 // tabulated once per call (lo/hi codes and the stochastic threshold per pattern, from fp_split),
-// leaving a table load, a compare and a select per element. bf16 inputs no longer use it: the
-// fused lanes (encode_bf16_range, 32-bit code lanes) measured ~5-8% faster at 64M elements on
-// Zen 4 (CPU time); fp16 would need a conversion per element there. Below kTableMinNumel the
-// lanes are cheaper than building 64K entries.
+// leaving a table load, a compare and a select per element. bf16 inputs do not use it: their
+// explicit lanes (fp_bf16_fast.h) decide from the raw bits; fp16 would need a conversion per
+// element there. Below kTableMinNumel the lanes are cheaper than building 64K entries.
 constexpr int64_t kTableMinNumel = int64_t(1) << 18;
 
 // One 64-bit entry per 16-bit input pattern: thresh | lo << 32 | hi << 40.
@@ -477,8 +476,8 @@ at::Tensor fp_encode16(const T* x, uint8_t* out, int64_t n, const FpParams& p, R
                        uint64_t offset) {
   const uint16_t* u = reinterpret_cast<const uint16_t*>(x);
   constexpr bool kBf16 = std::is_same<T, c10::BFloat16>::value;
-  // bf16 widens with a shift and takes the fused lanes at every size; fp16 widens through a
-  // conversion, so large fp16 inputs keep the per-pattern table.
+  // bf16 takes its explicit lanes at every size; fp16 widens through a conversion, so large fp16
+  // inputs keep the per-pattern table.
   std::vector<uint64_t> table;
   if (!kBf16 && n >= kTableMinNumel) table = build_table<T>(p);
   const uint64_t* tab = table.data();
