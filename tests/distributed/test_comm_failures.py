@@ -43,16 +43,10 @@ def _mismatch_worker(rank, world, reinit_file):
         recv_packet(0, async_op=True)
     except ValueError as e:
         res["bad_async"] = str(e)
-    # a usage error of the backend (unequal split sizes, raised locally before any transfer) is
-    # a CommError naming the exchange, not mislabelled as a peer timeout
-    try:
-        with comm_guard("test exchange"):
-            # explicit split sizes that do not add up to the input: c10d rejects this before
-            # anything is enqueued (an unequal implicit split would fail later, in gloo's thread)
-            dist.all_to_all_single(torch.empty(world), torch.empty(world + 1),
-                                   output_split_sizes=[1] * world, input_split_sizes=[1] * world)
-    except CommError as e:
-        res["usage"] = (type(e).__name__, str(e))
+    # (A backend usage error becoming a CommError is checked by
+    # test_comm_guard_classifies_backend_errors with gloo's own message. It is not provoked here:
+    # gloo checks split sizes in its worker thread on some runs, and the failed work then
+    # resurfaces at the next collective on the same group -- CI saw it break the barrier below.)
     # A destroyed and re-created default group is a new group: the handshake runs again there
     # (rank 0 keeps the codec it already verified on the old group; the others change codec).
     dist.barrier()
@@ -76,7 +70,6 @@ def test_config_mismatch_names_both_configs(tmp_path):
         assert torch.equal(v["after"], torch.full((16,), 4.0))
         assert "1-D uint8" in v["bad_packet"] and "pre-allocated" in v["bad_async"]
         assert "test_cast" in v["reinit"] and "test_threshold" in v["reinit"], v
-        assert v["usage"][0] == "CommError" and v["usage"][1].startswith("test exchange failed"), v["usage"]
 
 
 def test_comm_guard_classifies_backend_errors():
