@@ -11,6 +11,7 @@ Schema (all keys optional)::
       "enabled": true,
       "seed": 0,                       # base seed of every stochastic codec decision
       "refresh_every": 50,             # micro-batches between refreshes of a boundary's lognormal fit
+      "stats_every": 1,                # gather the fit's statistics every k-th micro-batch (k <= refresh_every)
       "warmup_steps": 0,               # first micro-batches sent uncompressed (statistics only)
       "codec": {"name": "fp", "bits": 6},      # default codec of every pipeline boundary
       "boundaries": {"1": {"bits": 8}},        # per-boundary overrides, merged into "codec"
@@ -176,7 +177,7 @@ def parse_codec(d: Mapping[str, Any], where: str = "gradwire.codec") -> CodecSpe
     return CodecSpec(name=name)
 
 
-SECTION_KEYS = ("enabled", "seed", "refresh_every", "warmup_steps", "codec", "boundaries", "data_parallel",
+SECTION_KEYS = ("enabled", "seed", "refresh_every", "stats_every", "warmup_steps", "codec", "boundaries", "data_parallel",
                 "tensor_parallel", "report_dir")
 TP_KEYS = ("size", "codec")
 
@@ -210,6 +211,7 @@ class GradwireConfig:
     enabled: bool = True
     seed: int = 0
     refresh_every: int = 50
+    stats_every: int = 1
     warmup_steps: int = 0
     codec: CodecSpec = field(default_factory=CodecSpec)
     boundaries: tuple[tuple[int, CodecSpec], ...] = ()  # sorted (boundary, spec) overrides
@@ -241,6 +243,10 @@ def parse_gradwire(section: Mapping[str, Any] | None) -> GradwireConfig:
         raise ConfigError(f"gradwire.enabled must be true or false, got {enabled!r}")
     seed = _int("gradwire.seed", section.get("seed", 0), 0, 2**63 - 1)
     refresh = _int("gradwire.refresh_every", section.get("refresh_every", 50), 1)
+    stats_every = _int("gradwire.stats_every", section.get("stats_every", 1), 1)
+    if stats_every > refresh:
+        raise ConfigError(f"gradwire.stats_every ({stats_every}) must be <= gradwire.refresh_every "
+                          f"({refresh}): otherwise some refreshes of the fit would have no statistics")
     warmup = _int("gradwire.warmup_steps", section.get("warmup_steps", 0), 0)
     base = section.get("codec", {"name": "none"})
     codec = parse_codec(base)
@@ -271,7 +277,8 @@ def parse_gradwire(section: Mapping[str, Any] | None) -> GradwireConfig:
     rd = section.get("report_dir")
     if rd is not None and not isinstance(rd, str):
         raise ConfigError(f"gradwire.report_dir must be a string, got {rd!r}")
-    return GradwireConfig(enabled=enabled, seed=seed, refresh_every=refresh, warmup_steps=warmup, codec=codec,
+    return GradwireConfig(enabled=enabled, seed=seed, refresh_every=refresh, stats_every=stats_every,
+                          warmup_steps=warmup, codec=codec,
                           boundaries=tuple(sorted(overrides)), data_parallel=dp_spec, tensor_parallel=tp_spec,
                           report_dir=rd)
 

@@ -12,9 +12,11 @@ trigger the native load); ``torch.ops.gradwire.*`` is the raw, unchecked entry p
 Ops (schemas in ``SCHEMAS``):
   pack_bits(codes u8[n], bits) -> u8[ceil(n*bits/8)]      LSB-first stream (docs/architecture.md)
   unpack_bits(packed, bits, numel) -> u8[numel]
-  fp_encode(x, exp_bits, man_bits, bias, subnormals, scale_exp, stochastic, seed, offset)
+  fp_encode(x, exp_bits, man_bits, bias, subnormals, scale_exp, stochastic, seed, offset,
+            with_stats=True)
       -> (packed u8[ceil(n*bits/8)], stats f64[5])        numerics.fp.encode_codes, packed, plus
                                                           numerics.lognormal.moment_stats(x)
+                                                          (zeros without with_stats)
   fp_decode(packed, numel, exp_bits, man_bits, bias, subnormals, scale_exp, dtype) -> dtype[numel]
   moment_stats(x) -> f64[5]     (n_finite_nonzero, sum log2|x|, sum log2^2|x|, n_zero, n_nonfinite)
   rng_u32(seed, index i64) -> i64   numerics.rng.random_u32; exposes the C++ port for tests
@@ -58,7 +60,7 @@ SCHEMAS = {
     "pack_bits": "pack_bits(Tensor codes, int bits) -> Tensor",
     "unpack_bits": "unpack_bits(Tensor packed, int bits, int numel) -> Tensor",
     "fp_encode": "fp_encode(Tensor x, int exp_bits, int man_bits, int bias, bool subnormals, "
-    "int scale_exp, bool stochastic, int seed, int offset) -> (Tensor, Tensor)",
+    "int scale_exp, bool stochastic, int seed, int offset, bool with_stats=True) -> (Tensor, Tensor)",
     "fp_decode": "fp_decode(Tensor packed, int numel, int exp_bits, int man_bits, int bias, "
     "bool subnormals, int scale_exp, ScalarType dtype) -> Tensor",
     "moment_stats": "moment_stats(Tensor x) -> Tensor",
@@ -102,11 +104,14 @@ def _unpack_bits_ref(packed: torch.Tensor, bits: int, numel: int) -> torch.Tenso
     return (stream << torch.arange(bits, device=p.device)).sum(1).to(torch.uint8)
 
 
-def _fp_encode_ref(x, exp_bits, man_bits, bias, subnormals, scale_exp, stochastic, seed, offset):
+def _fp_encode_ref(x, exp_bits, man_bits, bias, subnormals, scale_exp, stochastic, seed, offset,
+                   with_stats=True):
     fmt = FPFormat(exp_bits, man_bits, bias, subnormals)
     rounding = Rounding.STOCHASTIC if stochastic else Rounding.NEAREST_EVEN
     codes = encode_codes(x, fmt, rounding, scale_exp=scale_exp, seed=seed, offset=offset)
-    return _pack_bits_ref(codes, fmt.bits), lognormal.moment_stats(x).to(x.device)
+    stats = (lognormal.moment_stats(x) if with_stats
+             else torch.zeros(STATS_LEN, dtype=torch.float64))
+    return _pack_bits_ref(codes, fmt.bits), stats.to(x.device)
 
 
 def _fp_decode_ref(packed, numel, exp_bits, man_bits, bias, subnormals, scale_exp, dtype):
@@ -160,7 +165,7 @@ def _(packed, bits, numel):
 
 
 @torch.library.register_fake("gradwire::fp_encode")
-def _(x, exp_bits, man_bits, bias, subnormals, scale_exp, stochastic, seed, offset):
+def _(x, exp_bits, man_bits, bias, subnormals, scale_exp, stochastic, seed, offset, with_stats=True):
     n = _packed_bytes(x.numel(), 1 + exp_bits + man_bits)
     return x.new_empty(n, dtype=torch.uint8), x.new_empty(STATS_LEN, dtype=torch.float64)
 
@@ -245,10 +250,14 @@ def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
 
 
 def fp_encode(x: torch.Tensor, fmt: FPFormat, rounding: Rounding | str = Rounding.NEAREST_EVEN, *,
-              scale_exp: int = 0, seed: int = 0, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+              scale_exp: int = 0, seed: int = 0, offset: int = 0,
+              with_stats: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """``numerics.fp.encode_codes`` packed, plus ``lognormal.moment_stats(x)`` from the same pass.
 
     Returns ``(packed uint8[ceil(numel*fmt.bits/8)], stats float64[5])`` on ``x.device``.
+    ``with_stats=False`` skips the statistics (on the CPU kernels they are ~20% of a bf16 encode)
+    and returns zeros in their place: the identity of ``merge_stats``, so a caller that adds
+    them up loses nothing. The packed bytes are the same either way.
     Stochastic rounding draws ``rng.uniform(seed, offset + i)`` for flat element i. Accepts
     float32/bfloat16/float16 (TypeError otherwise; float64 is rounded to float32 first, finite
     values clamped to the float32 range as numerics.fp does). Any shape and strides; empty ``x``
@@ -266,10 +275,12 @@ def fp_encode(x: torch.Tensor, fmt: FPFormat, rounding: Rounding | str = Roundin
     rng.check_seed(seed)
     if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
         raise ValueError(f"fp_encode: offset must be an int >= 0, got {offset!r}")
+    if not isinstance(with_stats, bool):
+        raise TypeError(f"fp_encode: with_stats must be a bool, got {type(with_stats).__name__}")
     _native()
     return torch.ops.gradwire.fp_encode(
         x.contiguous(), fmt.exp_bits, fmt.man_bits, fmt.bias, fmt.subnormals, scale_exp,
-        rounding is Rounding.STOCHASTIC, seed, offset)
+        rounding is Rounding.STOCHASTIC, seed, offset, with_stats)
 
 
 def fp_decode(packed: torch.Tensor, numel: int, fmt: FPFormat, *, scale_exp: int = 0,

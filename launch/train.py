@@ -276,7 +276,7 @@ def _tp_telemetry(engine, tp_group) -> dict:
 def _section(gw):
     """The validated section back as JSON (so initialize validates the same thing)."""
     d = {"enabled": gw.enabled, "seed": gw.seed, "refresh_every": gw.refresh_every,
-         "warmup_steps": gw.warmup_steps,
+         "stats_every": gw.stats_every, "warmup_steps": gw.warmup_steps,
          "data_parallel": gw.data_parallel.to_dict() if gw.data_parallel else None,
          "codec": gw.codec.to_dict(), "boundaries": {str(b): s.to_dict() for b, s in gw.boundaries},
          "tensor_parallel": gw.tensor_parallel.to_dict()}

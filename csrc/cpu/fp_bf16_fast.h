@@ -100,10 +100,11 @@ GW_TARGET_AVX2 inline __m256i mix32_x8(__m256i x) {
 
 // Codes (one byte each) of u[0, 16 * ngroups) into codes[], their packed bytes into
 // packed[0, 2 * bits * ngroups) (`limit`: the end of the bytes the calling range owns), and the
-// |x| histogram of the lanes into hist (two banks of 2**15 bins). The counter of lane j is
+// |x| histogram of the lanes into hist (two banks of 2**15 bins; kHist false: no histogram, hist
+// unused). The counter of lane j is
 // hi * 2**32 + lo0 + j (the caller guarantees no carry into hi). Returns the number of
 // float32-subnormal lanes: the caller redoes their codes (and then the packing).
-template <bool kStochastic>
+template <bool kStochastic, bool kHist>
 GW_TARGET_AVX512 int bf16_codes_avx512(const uint16_t* u, int ngroups, const Bf16FastParams& f,
                                        uint32_t lo0, uint32_t hi, uint32_t key1, uint32_t key2,
                                        uint8_t* codes, uint32_t* hist, int bits, uint8_t* packed,
@@ -172,8 +173,10 @@ GW_TARGET_AVX512 int bf16_codes_avx512(const uint16_t* u, int ngroups, const Bf1
     _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + 16 * g), b);
     pack8_bmi2(static_cast<uint64_t>(_mm_cvtsi128_si64(b)), sel, bits, packed + 2 * bits * g, limit);
     pack8_bmi2(static_cast<uint64_t>(_mm_extract_epi64(b, 1)), sel, bits, packed + 2 * bits * g + bits, limit);
-    hist8_abs16(u + 16 * g, hist, hist + (1 << 15));
-    hist8_abs16(u + 16 * g + 8, hist, hist + (1 << 15));
+    if (kHist) {
+      hist8_abs16(u + 16 * g, hist, hist + (1 << 15));
+      hist8_abs16(u + 16 * g + 8, hist, hist + (1 << 15));
+    }
   }
   return nsub;
 }
@@ -181,7 +184,7 @@ GW_TARGET_AVX512 int bf16_codes_avx512(const uint16_t* u, int ngroups, const Bf1
 // bf16_codes_avx512 in 8-lane halves, without the packing (the caller packs: pack_codes). AVX2
 // compares are signed: every compared value here is
 // below 2**24 (or ab - 1 >= -1), so they are exact; lo - up with up = -1 adds one.
-template <bool kStochastic>
+template <bool kStochastic, bool kHist>
 GW_TARGET_AVX2 int bf16_codes_avx2(const uint16_t* u, int ngroups, const Bf16FastParams& f,
                                    uint32_t lo0, uint32_t hi, uint32_t key1, uint32_t key2,
                                    uint8_t* codes, uint32_t* hist) {
@@ -254,7 +257,7 @@ GW_TARGET_AVX2 int bf16_codes_avx2(const uint16_t* u, int ngroups, const Bf16Fas
     const uint64_t eight_codes = static_cast<uint32_t>(_mm256_cvtsi256_si32(b)) |
                                  (static_cast<uint64_t>(static_cast<uint32_t>(_mm256_extract_epi32(b, 4))) << 32);
     std::memcpy(codes + 8 * g, &eight_codes, 8);
-    hist8_abs16(u + 8 * g, hist, hist + (1 << 15));
+    if (kHist) hist8_abs16(u + 8 * g, hist, hist + (1 << 15));
   }
   return nsub;
 }

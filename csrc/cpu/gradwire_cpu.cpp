@@ -259,6 +259,7 @@ void encode_range(const T* x, int64_t begin, int64_t end, const FpParams& p, Rng
   }
 }
 
+// parts empty: no statistics (fp_encode with with_stats=false).
 void fp_encode_f32(const float* x, uint8_t* out, int64_t n, const FpParams& p, RngKeys keys,
                    uint64_t offset, std::vector<LocalStats>& parts) {
   const int64_t nchunks = (n + kChunk - 1) / kChunk;
@@ -268,6 +269,7 @@ void fp_encode_f32(const float* x, uint8_t* out, int64_t n, const FpParams& p, R
       const int64_t begin = c * kChunk;
       const int64_t end = std::min(n, begin + kChunk);
       encode_range(x, begin, end, p, keys, offset, out, out + end / 8 * p.bits);
+      if (parts.empty()) continue;
       LocalStats st;
       for (int64_t i = begin; i < end; ++i) st.add(x[i], tab);
       parts[c] = st;
@@ -382,7 +384,7 @@ GW_SIMD_CLONES void table_codes(const uint16_t* u, const uint32_t* r, int cnt, c
   }
 }
 
-template <typename T, bool kStochastic>
+template <typename T, bool kStochastic, bool kHist>
 void encode16_table_range(const uint16_t* u, int64_t begin, int64_t end, const uint64_t* tab,
                           const FpParams& p, RngKeys keys, uint64_t offset, uint8_t* out,
                           const uint8_t* limit, uint32_t* h) {
@@ -391,7 +393,7 @@ void encode16_table_range(const uint16_t* u, int64_t begin, int64_t end, const u
   for (int64_t g = begin; g < end; g += kEncBlock) {
     const int cnt = static_cast<int>(std::min<int64_t>(kEncBlock, end - g));
     if (kStochastic) hash_r24_block(keys, offset + static_cast<uint64_t>(g), cnt, r);
-    hist16(u, g, g + cnt, h);
+    if (kHist) hist16(u, g, g + cnt, h);
     table_codes<kStochastic>(u + g, r, cnt, tab, codes);
     std::memset(codes + cnt, 0, 8);
     pack_codes(codes, cnt, p.bits, out + g / 8 * p.bits, limit);
@@ -403,16 +405,16 @@ GW_SIMD_CLONES void narrow_codes(const uint32_t* c32, int cnt, uint8_t* codes) {
 }
 
 // One bf16 block u[0, cnt) (cnt <= kEncBlock), counters first + j: codes, the |x| histogram into
-// h, packed bytes to o (`limit` as in pack_codes). Whole 16-lane groups take the explicit lanes of
+// h (kHist), packed bytes to o (`limit` as in pack_codes). Whole 16-lane groups take the explicit lanes of
 // fp_bf16_fast.h (which also histogram them and, with AVX-512, pack them); the rest, and blocks
 // whose counters cross a 2**32 boundary, take the general lanes.
-template <bool kStochastic>
+template <bool kStochastic, bool kHist>
 void encode_bf16_block(const uint16_t* u, int cnt, const FpParams& p, const Bf16FastParams& fast,
                        RngKeys keys, uint64_t first, uint8_t* codes, uint32_t* h, uint8_t* o,
                        const uint8_t* limit) {
   const uint32_t lo0 = static_cast<uint32_t>(first);
   const uint32_t hi = static_cast<uint32_t>(first >> 32);
-  int done = 0;    // codes and histogram done by the explicit lanes
+  int done = 0;    // codes (and histogram) done by the explicit lanes
   int packed = 0;  // of which also packed
   int nsub = 0;
   if (!kStochastic || static_cast<uint64_t>(lo0) + static_cast<uint64_t>(cnt) <= 0x100000000ull) {
@@ -420,11 +422,11 @@ void encode_bf16_block(const uint16_t* u, int cnt, const FpParams& p, const Bf16
     const int level = simd_level();
     const int ngroups = cnt / kFastGroup;
     if (level == 2) {
-      nsub = bf16_codes_avx512<kStochastic>(u, ngroups, fast, lo0, hi, keys.key1, keys.key2, codes,
+      nsub = bf16_codes_avx512<kStochastic, kHist>(u, ngroups, fast, lo0, hi, keys.key1, keys.key2, codes,
                                             h, p.bits, o, limit);
       done = packed = ngroups * kFastGroup;
     } else if (level == 1) {
-      nsub = bf16_codes_avx2<kStochastic>(u, ngroups, fast, lo0, hi, keys.key1, keys.key2, codes, h);
+      nsub = bf16_codes_avx2<kStochastic, kHist>(u, ngroups, fast, lo0, hi, keys.key1, keys.key2, codes, h);
       done = ngroups * kFastGroup;
     }
 #else
@@ -442,7 +444,7 @@ void encode_bf16_block(const uint16_t* u, int cnt, const FpParams& p, const Bf16
     hash_r24_block(keys, first, cnt, r);
     nsub = fp_codes_lanes<kStochastic>(xb, r, cnt, p, codes);
   }
-  hist16(u, done, cnt, h);
+  if (kHist) hist16(u, done, cnt, h);
   if (nsub) {  // float32 subnormals: the scalar fp_split, then pack the whole block again
     for (int j = 0; j < cnt; ++j) {
       const uint32_t xj = static_cast<uint32_t>(u[j]) << 16;
@@ -458,7 +460,7 @@ void encode_bf16_block(const uint16_t* u, int cnt, const FpParams& p, const Bf16
 }
 
 // bf16 elements [begin, end) (begin a multiple of 8), block by block.
-template <bool kStochastic>
+template <bool kStochastic, bool kHist>
 void encode_bf16_range(const uint16_t* u, int64_t begin, int64_t end, const FpParams& p,
                        RngKeys keys, uint64_t offset, uint8_t* out, const uint8_t* limit,
                        uint32_t* h) {
@@ -466,39 +468,54 @@ void encode_bf16_range(const uint16_t* u, int64_t begin, int64_t end, const FpPa
   const Bf16FastParams fast = bf16_fast_params(p);
   for (int64_t g = begin; g < end; g += kEncBlock) {
     const int cnt = static_cast<int>(std::min<int64_t>(kEncBlock, end - g));
-    encode_bf16_block<kStochastic>(u + g, cnt, p, fast, keys, offset + static_cast<uint64_t>(g),
+    encode_bf16_block<kStochastic, kHist>(u + g, cnt, p, fast, keys, offset + static_cast<uint64_t>(g),
                                    codes, h, out + g / 8 * p.bits, limit);
   }
 }
 
+// Elements [begin, end) of a 16-bit input: codes, packed bytes and (kHist) the |x| histogram h.
+template <typename T, bool kHist>
+void encode16_range(const T* x, int64_t begin, int64_t end, const uint64_t* tab, const FpParams& p,
+                    RngKeys keys, uint64_t offset, uint8_t* out, uint32_t* h) {
+  const uint16_t* u = reinterpret_cast<const uint16_t*>(x);
+  uint8_t* limit = out + end / 8 * p.bits;
+  if constexpr (std::is_same<T, c10::BFloat16>::value) {
+    if (p.stochastic)
+      encode_bf16_range<true, kHist>(u, begin, end, p, keys, offset, out, limit, h);
+    else
+      encode_bf16_range<false, kHist>(u, begin, end, p, keys, offset, out, limit, h);
+    return;
+  }
+  if (tab) {
+    if (p.stochastic)
+      encode16_table_range<T, true, kHist>(u, begin, end, tab, p, keys, offset, out, limit, h);
+    else
+      encode16_table_range<T, false, kHist>(u, begin, end, tab, p, keys, offset, out, limit, h);
+    return;
+  }
+  encode_range(x, begin, end, p, keys, offset, out, limit);
+  if (kHist) hist16(u, begin, end, h);
+}
+
+// Encodes a 16-bit input; returns its statistics (an undefined tensor when !with_stats).
 template <typename T>
 at::Tensor fp_encode16(const T* x, uint8_t* out, int64_t n, const FpParams& p, RngKeys keys,
-                       uint64_t offset) {
-  const uint16_t* u = reinterpret_cast<const uint16_t*>(x);
+                       uint64_t offset, bool with_stats) {
   constexpr bool kBf16 = std::is_same<T, c10::BFloat16>::value;
   // bf16 takes its explicit lanes at every size; fp16 widens through a conversion, so large fp16
   // inputs keep the per-pattern table.
   std::vector<uint64_t> table;
   if (!kBf16 && n >= kTableMinNumel) table = build_table<T>(p);
   const uint64_t* tab = table.data();
+  if (!with_stats) {
+    at::parallel_for(0, (n + kChunk - 1) / kChunk, 1, [&](int64_t c0, int64_t c1) {
+      encode16_range<T, false>(x, c0 * kChunk, std::min(n, c1 * kChunk), tab, p, keys, offset,
+                               out, nullptr);
+    });
+    return at::Tensor();
+  }
   const std::vector<int64_t> hist = parallel_hist(n, [&](int64_t begin, int64_t end, uint32_t* h) {
-    uint8_t* limit = out + end / 8 * p.bits;
-    if constexpr (kBf16) {
-      if (p.stochastic)
-        encode_bf16_range<true>(u, begin, end, p, keys, offset, out, limit, h);
-      else
-        encode_bf16_range<false>(u, begin, end, p, keys, offset, out, limit, h);
-      return;
-    }
-    if (tab) {
-      if (p.stochastic)
-        encode16_table_range<T, true>(u, begin, end, tab, p, keys, offset, out, limit, h);
-      else
-        encode16_table_range<T, false>(u, begin, end, tab, p, keys, offset, out, limit, h);
-      return;
-    }
-    encode_range(x, begin, end, p, keys, offset, out, limit);
-    hist16(u, begin, end, h);
+    encode16_range<T, true>(x, begin, end, tab, p, keys, offset, out, h);
   });
   return stats_from_hist<T>(hist);
 }
@@ -514,7 +531,8 @@ at::Tensor stats16(const T* x, int64_t n) {
 std::tuple<at::Tensor, at::Tensor> fp_encode_cpu(const at::Tensor& x_in, int64_t exp_bits,
                                                  int64_t man_bits, int64_t bias,
                                                  bool subnormals, int64_t scale_exp,
-                                                 bool stochastic, int64_t seed, int64_t offset) {
+                                                 bool stochastic, int64_t seed, int64_t offset,
+                                                 bool with_stats) {
   check_float_input(x_in, "gradwire::fp_encode");
   simd_level();  // a bad GRADWIRE_CPU_SIMD is reported here, not from inside a worker thread
   TORCH_CHECK(seed >= 0 && seed <= 0xFFFFFFFFll, "seed must be in [0, 2**32)");
@@ -528,14 +546,23 @@ std::tuple<at::Tensor, at::Tensor> fp_encode_cpu(const at::Tensor& x_in, int64_t
   const uint64_t off = static_cast<uint64_t>(offset);
   const auto st = x.scalar_type();
   // 16-bit inputs: codes and the |x| histogram in one pass (the same statistics, bit for bit, as
-  // moment_stats on the same tensor).
-  if (st == at::kBFloat16) return {out, fp_encode16(x.data_ptr<c10::BFloat16>(), o, n, p, keys, off)};
-  if (st == at::kHalf) return {out, fp_encode16(x.data_ptr<c10::Half>(), o, n, p, keys, off)};
-  std::vector<LocalStats> parts((n + kChunk - 1) / kChunk);
-  fp_encode_f32(x.data_ptr<float>(), o, n, p, keys, off, parts);
-  return {out, merge_stats(parts)};
+  // moment_stats on the same tensor). Without statistics: zeros, the identity of merge_stats.
+  at::Tensor stats;
+  if (st == at::kBFloat16) {
+    stats = fp_encode16(x.data_ptr<c10::BFloat16>(), o, n, p, keys, off, with_stats);
+  } else if (st == at::kHalf) {
+    stats = fp_encode16(x.data_ptr<c10::Half>(), o, n, p, keys, off, with_stats);
+  } else {
+    std::vector<LocalStats> parts(with_stats ? (n + kChunk - 1) / kChunk : 0);
+    fp_encode_f32(x.data_ptr<float>(), o, n, p, keys, off, parts);
+    if (with_stats) stats = merge_stats(parts);
+  }
+  if (!with_stats) stats = at::zeros({5}, at::TensorOptions().dtype(at::kDouble));
+  return {out, stats};
 }
 
+// y[i] = table[code i] for the n codes of `bits` bits packed at in (table null, for byte outputs
+// only: y[i] = code i).
 template <typename T>
 void fp_decode_chunks(const uint8_t* in, T* y, int64_t n, int bits, const T* table) {
   const int64_t nchunks = (n + kChunk - 1) / kChunk;
@@ -553,7 +580,22 @@ void fp_decode_chunks(const uint8_t* in, T* y, int64_t n, int bits, const T* tab
         if (src + 8 <= in_end) std::memcpy(&w, src, 8);  // extra bytes are masked off below
         else std::memcpy(&w, src, static_cast<size_t>(nb));
         src += nb;
-        for (int j = 0; j < cnt; ++j) y[g + j] = table[(w >> (j * bits)) & mask];
+        if constexpr (sizeof(T) == 1) {
+          // Byte outputs (unpack_bits): gather 8 codes in a register and store once. Stored one
+          // at a time through a char type, every store may alias `table` and `in`, which the
+          // compiler then re-reads per byte (measured 2x slower than the bf16 decode).
+          uint64_t o = 0;
+          if (table == nullptr) {  // the identity: the codes themselves
+            for (int j = 0; j < 8; ++j) o |= ((w >> (j * bits)) & mask) << (8 * j);
+          } else {
+            for (int j = 0; j < 8; ++j)
+              o |= static_cast<uint64_t>(table[(w >> (j * bits)) & mask]) << (8 * j);
+          }
+          if (cnt == 8) std::memcpy(y + g, &o, 8);  // a constant size: one 8-byte store
+          else std::memcpy(y + g, &o, static_cast<size_t>(cnt));
+        } else {
+          for (int j = 0; j < cnt; ++j) y[g + j] = table[(w >> (j * bits)) & mask];
+        }
       }
     }
   });
@@ -647,12 +689,10 @@ at::Tensor unpack_bits_cpu(const at::Tensor& packed_in, int64_t bits, int64_t nu
     const uint8_t last = packed_c.data_ptr<uint8_t>()[packed_c.numel() - 1];
     TORCH_CHECK((last >> used) == 0, "gradwire::unpack_bits: padding bits of the last byte are not zero");
   }
-  uint8_t ident[256];
-  for (int i = 0; i < 256; ++i) ident[i] = static_cast<uint8_t>(i);
   const at::Tensor& packed = packed_c;
   at::Tensor out = at::empty({numel}, packed.options());
-  fp_decode_chunks(packed.data_ptr<uint8_t>(), out.data_ptr<uint8_t>(), numel,
-                   static_cast<int>(bits), ident);
+  fp_decode_chunks<uint8_t>(packed.data_ptr<uint8_t>(), out.data_ptr<uint8_t>(), numel,
+                            static_cast<int>(bits), nullptr);  // null table: identity
   return out;
 }
 

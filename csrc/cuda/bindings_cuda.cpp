@@ -52,7 +52,7 @@ int64_t packed_bytes(int64_t n, int64_t bits) { return (n * bits + 7) / 8; }
 std::tuple<at::Tensor, at::Tensor> fp_encode_cuda(const at::Tensor& x_in, int64_t exp_bits,
                                                   int64_t man_bits, int64_t bias, bool subnormals,
                                                   int64_t scale_exp, bool stochastic,
-                                                  int64_t seed, int64_t offset) {
+                                                  int64_t seed, int64_t offset, bool with_stats) {
   const int dt = dtype_code(x_in, "gradwire::fp_encode");
   TORCH_CHECK(seed >= 0 && seed <= 0xFFFFFFFFll, "seed must be in [0, 2**32)");
   TORCH_CHECK(offset >= 0, "offset must be >= 0");
@@ -61,6 +61,13 @@ std::tuple<at::Tensor, at::Tensor> fp_encode_cuda(const at::Tensor& x_in, int64_
   const at::Tensor x = x_in.contiguous();
   const int64_t n = x.numel();
   at::Tensor out = at::empty({packed_bytes(n, 1 + exp_bits + man_bits)}, x.options().dtype(at::kByte));
+  if (!with_stats) {  // zeros: the identity of merge_stats
+    check_cuda(gw_fp_encode(x.data_ptr(), dt, n, a, static_cast<uint32_t>(seed),
+                            static_cast<uint64_t>(offset), out.data_ptr<uint8_t>(), nullptr,
+                            nullptr, c10::cuda::getCurrentCUDAStream().stream()),
+               "gradwire::fp_encode");
+    return {out, at::zeros({5}, x.options().dtype(at::kDouble))};
+  }
   at::Tensor scratch = at::empty({gw_stats_scratch(n)}, x.options().dtype(at::kDouble));
   at::Tensor stats = at::empty({5}, x.options().dtype(at::kDouble));
   check_cuda(gw_fp_encode(x.data_ptr(), dt, n, a, static_cast<uint32_t>(seed),

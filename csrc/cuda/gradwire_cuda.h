@@ -19,6 +19,7 @@ typedef struct {
 int64_t gw_stats_scratch(int64_t n);
 
 // Fused FP encode: packed codes (ceil(n*bits/8) bytes) + moment statistics (double[5]) of x.
+// scratch and stats null: the codes alone (no statistics pass, no reduction).
 int gw_fp_encode(const void* x, int dtype, int64_t n, GwFpArgs args, uint32_t seed,
                  uint64_t offset, uint8_t* out, double* scratch, double* stats, void* stream);
 

@@ -114,6 +114,7 @@ int64_t blocks_for(int64_t groups) {
 // consecutive words: coalesced) instead of 4 * bits byte stores. The last, partial quad and a
 // misaligned `out` keep the byte stores. Written and compiled for sm_80/sm_90 but NOT run on a
 // GPU yet (no GPU where it was written): tests/kernels/test_cuda_kernels.py checks it on one.
+template <bool kStats>
 __global__ void fp_encode_kernel(const void* x, int dtype, int64_t n, FpParams p, RngKeys keys,
                                  uint64_t offset, uint8_t* out, double* scratch) {
   Acc5 acc = {{0, 0, 0, 0, 0}};
@@ -133,7 +134,7 @@ __global__ void fp_encode_kernel(const void* x, int dtype, int64_t n, FpParams p
       for (int j = 0; j < 8; ++j) {
         codes[j] = 0;
         if (j < cnt) {
-          acc_add(acc, v[j]);
+          if (kStats) acc_add(acc, v[j]);
           codes[j] = fp_encode_one(v[j], p, keys, offset + static_cast<uint64_t>(g + j));
         }
       }
@@ -161,7 +162,7 @@ __global__ void fp_encode_kernel(const void* x, int dtype, int64_t n, FpParams p
       }
     }
   }
-  block_reduce_store(acc, scratch);
+  if (kStats) block_reduce_store(acc, scratch);
 }
 
 __global__ void moment_stats_kernel(const void* x, int dtype, int64_t n, double* scratch) {
@@ -271,9 +272,13 @@ int gw_fp_encode(const void* x, int dtype, int64_t n, GwFpArgs args, uint32_t se
                  uint64_t offset, uint8_t* out, double* scratch, double* stats, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   const int64_t nb = blocks_for((n + 31) / 32);  // one thread per 32 elements
-  fp_encode_kernel<<<static_cast<unsigned>(nb), kThreads, 0, s>>>(x, dtype, n, to_params(args),
-                                                                  rng_keys(seed), offset, out,
-                                                                  scratch);
+  if (stats == nullptr) {
+    fp_encode_kernel<false><<<static_cast<unsigned>(nb), kThreads, 0, s>>>(
+        x, dtype, n, to_params(args), rng_keys(seed), offset, out, nullptr);
+    return static_cast<int>(cudaGetLastError());
+  }
+  fp_encode_kernel<true><<<static_cast<unsigned>(nb), kThreads, 0, s>>>(
+      x, dtype, n, to_params(args), rng_keys(seed), offset, out, scratch);
   finalize_stats<<<1, 32, 0, s>>>(scratch, nb, stats);
   return static_cast<int>(cudaGetLastError());
 }

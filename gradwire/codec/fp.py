@@ -244,18 +244,23 @@ class FPCodec(Codec):
         return choose_format(self.bits, self.exp_bits, self.rounding, usable_fit(x, fit), self.scale, amax,
                              self.split)
 
-    def encode_with_stats(self, x: torch.Tensor, *, seed: int = 0, fit: Any | None = None) -> EncodeResult:
-        """Packet and ``moment_stats(x)`` from one fused ``ops.fp_encode`` pass."""
+    def _encode(self, x: torch.Tensor, seed: int, fit: Any | None, with_stats: bool) -> EncodeResult:
         from gradwire import ops
 
         x = check_input(x, self.name)
         fmt, scale_exp = self.choose(x, fit)
-        payload, stats = ops.fp_encode(x, fmt, self.rounding, scale_exp=scale_exp, seed=seed)
+        payload, stats = ops.fp_encode(x, fmt, self.rounding, scale_exp=scale_exp, seed=seed,
+                                       with_stats=with_stats)
         packet = build_packet(self.codec_id, x.dtype, x.shape, pack_format(fmt, self.rounding, scale_exp), payload)
         return EncodeResult(packet, stats)
 
+    def encode_with_stats(self, x: torch.Tensor, *, seed: int = 0, fit: Any | None = None) -> EncodeResult:
+        """Packet and ``moment_stats(x)`` from one fused ``ops.fp_encode`` pass."""
+        return self._encode(x, seed, fit, True)
+
     def encode(self, x: torch.Tensor, *, seed: int = 0, fit: Any | None = None) -> torch.Tensor:
-        return self.encode_with_stats(x, seed=seed, fit=fit).packet
+        """The packet alone: the same bytes as ``encode_with_stats``, without the statistics."""
+        return self._encode(x, seed, fit, False).packet
 
     def decode(self, packet: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
         from gradwire import ops

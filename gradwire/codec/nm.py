@@ -171,7 +171,7 @@ class NMCodec(Codec):
         else:
             fmt, scale_exp = self.choose(values)
             val_bytes, _ = ops.fp_encode(values, fmt, self.rounding, scale_exp=scale_exp,
-                                         seed=derive_seed(seed, 1))
+                                         seed=derive_seed(seed, 1), with_stats=False)
             fmt_block = pack_format(fmt, self.rounding, scale_exp)
         params = NM_PARAMS.pack(self.n, self.m, _METHOD_CODES[self.method], dim,
                                 int(self.value_bits is not None), *FORMAT_PARAMS.unpack(fmt_block))

@@ -240,7 +240,8 @@ class PruneCodec(Codec):
             scale_exp = amax_scale_exp(amax, fmt.max_value)
             # The rounding counter is the flat index into y (not into the kept values), so the
             # whole of y goes through the fused kernel and the kept codes are picked afterwards.
-            packed, _ = ops.fp_encode(y, fmt, self.rounding, scale_exp=scale_exp, seed=derive_seed(seed, 1))
+            packed, _ = ops.fp_encode(y, fmt, self.rounding, scale_exp=scale_exp, seed=derive_seed(seed, 1),
+                                      with_stats=False)
             codes = packed if fmt.bits == 8 else ops.unpack_bits(packed, fmt.bits, y.numel())
             sections.append(pack_bits(codes[kept], fmt.bits))
             fmt_block = pack_format(fmt, self.rounding, scale_exp)

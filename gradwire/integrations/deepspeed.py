@@ -72,6 +72,7 @@ def make_policy(cfg: GradwireConfig, boundary: int):
 
     return BoundaryPolicy(PolicyConfig(codec=codec_from_spec(cfg.codec_for(boundary)),
                                        warmup_steps=cfg.warmup_steps, refresh_every=cfg.refresh_every,
+                                       stats_every=cfg.stats_every,
                                        base_seed=cfg.seed, boundary_id=boundary))
 
 

@@ -53,6 +53,39 @@ def test_warmup_then_refresh_schedule():
     assert t["samples"] == 6 and 0.99 < t["cosine"] <= 1.0 and 0 < t["rel_error"] < 0.1
 
 
+def test_stats_every_gathers_only_on_its_steps():
+    # warm-up 1, refresh every 4, statistics every 2: steps 0 (warm-up), 1, 3 | refresh at 5 | 5, 7
+    p = BoundaryPolicy(codec={"name": "fp", "bits": 6}, warmup_steps=1, refresh_every=4, stats_every=2)
+    assert [s for s in range(9) if p.collects_stats(s)] == [0, 1, 3, 5, 7]
+    seen = []
+    codec = p.codec
+    real = codec.encode_with_stats
+
+    def spy(x, **kw):
+        seen.append(x)
+        return real(x, **kw)
+
+    codec.encode_with_stats = spy
+    xs = [_grad(s, sigma=1.0 + 0.25 * s) for s in range(9)]
+    packets = [p.encode(x, s) for s, x in enumerate(xs)]
+    assert [[i for i, y in enumerate(xs) if y is x] for x in seen] == [[1], [3], [5], [7]]  # 0: identity
+    ident, fp = build_codec({"name": "identity"}), build_codec({"name": "fp", "bits": 6})
+
+    def st(c, x):
+        return c.encode_with_stats(x)[1]
+
+    # the refresh at step 1 fits step 0; the one at step 5 fits steps 1 and 3 (not 2 or 4)
+    first = fit_from_stats(st(ident, xs[0]))
+    second = fit_from_stats(merge_stats(st(fp, xs[1]), st(fp, xs[3])))
+    assert p.fit == second and first != second
+    # packets of non-gathering steps are the same bytes as the codec's own encode
+    assert torch.equal(packets[6], fp.encode(xs[6], seed=p.seed(6), fit=second))
+    with pytest.raises(ValueError, match="stats_every .* must be <= refresh_every"):
+        PolicyConfig(refresh_every=3, stats_every=4)
+    with pytest.raises(ValueError, match="stats_every"):
+        PolicyConfig(stats_every=0)
+
+
 def test_seed_schedule_and_sampled_error_match_direct_computation():
     p = BoundaryPolicy(PolicyConfig(codec={"name": "bf16"}, base_seed=9, boundary_id=4, sample_every=2))
     x = _grad(1)

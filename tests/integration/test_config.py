@@ -125,3 +125,17 @@ def test_data_parallel_section_accepts_dense_codecs_only():
         parse_gradwire({"data_parallel": {"name": "nm", "n": 1, "m": 2}})
     with pytest.raises(ConfigError, match=r"gradwire.data_parallel .*unknown key 'bit'"):
         parse_gradwire({"data_parallel": {"name": "fp", "bit": 8}})
+
+
+def test_stats_every_is_bounded_by_refresh_every():
+    cfg = parse_gradwire({"codec": {"name": "fp", "bits": 6}, "refresh_every": 10, "stats_every": 5})
+    assert cfg.stats_every == 5 and parse_gradwire({}).stats_every == 1
+    from gradwire.integrations.deepspeed import make_policy
+
+    assert make_policy(cfg, 0).config.stats_every == 5
+    with pytest.raises(ConfigError, match=r"stats_every \(20\) must be <= gradwire.refresh_every \(10\)"):
+        parse_gradwire({"refresh_every": 10, "stats_every": 20})
+    with pytest.raises(ConfigError, match="stats_every must be"):
+        parse_gradwire({"stats_every": 0})
+    with pytest.raises(ConfigError, match="stats_every must be an integer"):
+        parse_gradwire({"stats_every": True})

@@ -57,6 +57,8 @@ def test_fp_encode_decode_bit_exact(fmt, dtype):
             packed, stats = ops.fp_encode(x.cuda(), fmt, rounding, scale_exp=s, seed=3, offset=9)
             codes = encode_codes(x, fmt, rounding, scale_exp=s, seed=3, offset=9)
             assert torch.equal(packed.cpu(), ops.REFERENCES["pack_bits"](codes, fmt.bits)), (rounding, s)
+            plain, zeros = ops.fp_encode(x.cuda(), fmt, rounding, scale_exp=s, seed=3, offset=9, with_stats=False)
+            assert torch.equal(plain, packed) and zeros.is_cuda and not zeros.any()  # the stats-free kernel
             y = ops.fp_decode(packed, x.numel(), fmt, scale_exp=s, dtype=dtype)
             assert bits_equal(y.cpu(), decode_codes(codes, fmt, scale_exp=s).to(dtype))
     ref = lognormal.moment_stats(x)

@@ -36,6 +36,15 @@ def _oracle(x, fmt, rounding, scale_exp, seed, offset):
     return ops.REFERENCES["pack_bits"](codes, fmt.bits)
 
 
+def _check_without_stats(x, fmt, rounding, scale_exp, seed, offset, want):
+    """with_stats=False runs other kernel instantiations (no histogram): the same bytes, and
+    zeros (merge_stats' identity) for the statistics."""
+    packed, stats = ops.fp_encode(x, fmt, rounding, scale_exp=scale_exp, seed=seed, offset=offset,
+                                  with_stats=False)
+    assert torch.equal(packed, want), ("with_stats=False", x.dtype, rounding, scale_exp)
+    assert torch.equal(stats, torch.zeros(5, dtype=torch.float64))
+
+
 def _stats_bound(x: torch.Tensor) -> tuple[float, float]:
     """Allowed |kernel - reference| on (sum log2, sum log2^2): the reference rounds each log2 to
     float32 (<= 2**-24 relative; squares: 2 * 2**-24 + tiny), float64 summation adds ~n*2**-53."""
@@ -54,7 +63,9 @@ def test_encode_bit_exact(fmt):
         for rounding in Rounding:
             for s in SCALES:
                 packed, stats = ops.fp_encode(x, fmt, rounding, scale_exp=s, seed=99, offset=5)
-                assert torch.equal(packed, _oracle(x, fmt, rounding, s, 99, 5)), (dtype, rounding, s)
+                want = _oracle(x, fmt, rounding, s, 99, 5)
+                assert torch.equal(packed, want), (dtype, rounding, s)
+                _check_without_stats(x, fmt, rounding, s, 99, 5, want)
 
 
 def every_bf16_pattern(seed: int) -> torch.Tensor:
@@ -79,7 +90,9 @@ def test_every_bf16_pattern_bit_exact(fmt):
     for rounding in Rounding:
         for s in BF16_SCALES:
             packed, _ = ops.fp_encode(x, fmt, rounding, scale_exp=s, seed=12, offset=2**32 + 3)
-            assert torch.equal(packed, _oracle(x, fmt, rounding, s, 12, 2**32 + 3)), (rounding, s)
+            want = _oracle(x, fmt, rounding, s, 12, 2**32 + 3)
+            assert torch.equal(packed, want), (rounding, s)
+            _check_without_stats(x, fmt, rounding, s, 12, 2**32 + 3, want)
 
 
 _SIMD_CHILD = """
@@ -87,7 +100,7 @@ import sys, torch
 sys.path.insert(0, {root!r})
 from gradwire import _build, ops
 from gradwire.numerics.fp import FPFormat, Rounding
-from tests.kernels.test_fp_kernels import BF16_SCALES, _oracle, every_bf16_pattern, lognormal_sample
+from tests.kernels.test_fp_kernels import BF16_SCALES, _check_without_stats, _oracle, every_bf16_pattern, lognormal_sample
 _build.load_native()
 assert ops.implementation("fp_encode", "cpu") == "native", _build.STATUS
 for fmt in (FPFormat(4, 1), FPFormat(3, 2, bias=1, subnormals=False), FPFormat(2, 5), FPFormat(7, 0)):
@@ -96,7 +109,9 @@ for fmt in (FPFormat(4, 1), FPFormat(3, 2, bias=1, subnormals=False), FPFormat(2
         for rounding in Rounding:
             for s in BF16_SCALES:
                 packed, _ = ops.fp_encode(x, fmt, rounding, scale_exp=s, seed=5, offset=9)
-                assert torch.equal(packed, _oracle(x, fmt, rounding, s, 5, 9)), (fmt, x.dtype, rounding, s)
+                want = _oracle(x, fmt, rounding, s, 5, 9)
+                assert torch.equal(packed, want), (fmt, x.dtype, rounding, s)
+                _check_without_stats(x, fmt, rounding, s, 5, 9, want)
 print("bit-exact")
 """
 
@@ -131,7 +146,9 @@ def test_encode_odd_sizes_and_chunk_edges(n):
     x = lognormal_sample(n, seed=n)
     for rounding in Rounding:
         packed, stats = ops.fp_encode(x, fmt, rounding, scale_exp=3, seed=7, offset=2**33)
-        assert torch.equal(packed, _oracle(x, fmt, rounding, 3, 7, 2**33))
+        want = _oracle(x, fmt, rounding, 3, 7, 2**33)
+        assert torch.equal(packed, want)
+        _check_without_stats(x, fmt, rounding, 3, 7, 2**33, want)
         y = ops.fp_decode(packed, n, fmt, scale_exp=3)
         assert bits_equal(y, decode_codes(encode_codes(x, fmt, rounding, scale_exp=3, seed=7, offset=2**33), fmt, scale_exp=3))
     if n == 0:
@@ -214,6 +231,8 @@ def test_malformed_input_refused():
         ops.fp_encode(torch.zeros(4), fmt, seed=-1)
     with pytest.raises(ValueError, match="offset"):
         ops.fp_encode(torch.zeros(4), fmt, offset=-3)
+    with pytest.raises(TypeError, match="with_stats must be a bool"):
+        ops.fp_encode(torch.zeros(4), fmt, with_stats=1)
     with pytest.raises(ValueError, match="bytes"):
         ops.fp_decode(torch.zeros(3, dtype=torch.uint8), 4, fmt)
     with pytest.raises(TypeError, match="dtype"):
@@ -236,7 +255,9 @@ def test_table_path_for_16bit_inputs_bit_exact(dtype):
     for fmt, s in ((FPFormat(4, 1), 9), (FPFormat(3, 0, subnormals=False), -4)):
         for rounding in Rounding:
             packed, stats = ops.fp_encode(x, fmt, rounding, scale_exp=s, seed=5, offset=2**32 - 100)
-            assert torch.equal(packed, _oracle(x, fmt, rounding, s, 5, 2**32 - 100)), (fmt.name, rounding)
+            want = _oracle(x, fmt, rounding, s, 5, 2**32 - 100)
+            assert torch.equal(packed, want), (fmt.name, rounding)
+            _check_without_stats(x, fmt, rounding, s, 5, 2**32 - 100, want)
     ref = lognormal.moment_stats(x)
     torch.testing.assert_close(stats[[0, 3, 4]], ref[[0, 3, 4]], rtol=0, atol=0)
     b1, b2 = _stats_bound(x)

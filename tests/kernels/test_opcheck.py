@@ -19,7 +19,8 @@ def _samples():
     return {
         "pack_bits": [(codes, 6), (codes[:0], 3)],
         "unpack_bits": [(packed6, 6, 37)],
-        "fp_encode": [(x, 4, 1, 7, True, 3, True, 11, 5), (x.to(torch.bfloat16), 5, 2, 15, False, 0, False, 0, 0)],
+        "fp_encode": [(x, 4, 1, 7, True, 3, True, 11, 5), (x.to(torch.bfloat16), 5, 2, 15, False, 0, False, 0, 0),
+                      (x.to(torch.float16), 4, 1, 7, True, 3, True, 11, 5, False)],
         "fp_decode": [(packed6, 37, 4, 1, 7, True, 3, torch.float32), (packed6, 37, 3, 2, 3, False, -2, torch.bfloat16)],
         "moment_stats": [(x,), (x.to(torch.float16),)],
         "rng_u32": [(5, torch.arange(40, dtype=torch.int64))],
