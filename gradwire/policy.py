@@ -15,7 +15,7 @@ Schedule, per step ``s`` (both ends of a link know ``s``, so they agree without 
 Statistics are gathered at every warm-up step and, after warm-up, at the steps with
 ``(s - warmup_steps) % stats_every == 0`` (every step by default). Since ``stats_every <=
 refresh_every``, every refresh window holds at least one of them. On the other steps the encode
-skips the statistics: a bf16 FP encode on CPU is ~30% faster without its fused |x| histogram
+skips the statistics: a bf16 FP encode on CPU is 10-22% faster without them
 (bench/kernels.py); on a GPU the saving is a block reduction.
 
 Heterogeneous sparsity (paper 001 Sec. 5.3): ``allocate_heterogeneous(policies, budget)`` gives
