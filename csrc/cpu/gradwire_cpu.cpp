@@ -531,7 +531,7 @@ at::Tensor stats16(const T* x, int64_t n) {
     const int64_t nchunks = (n + kChunk - 1) / kChunk;
     std::vector<ExactLogSums> parts(nchunks);
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-      Bf16VecSums acc;  // an int64 lane grows < 2**32 per 256 elements: no overflow below 2**39
+      Bf16VecSums acc;  // an int64 lane grows < 2**33 per 256 elements: no overflow below 2**38
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t begin = c * kChunk;
         bf16_stats_avx512(u + begin, std::min(n, begin + kChunk) - begin, acc);

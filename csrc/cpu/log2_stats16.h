@@ -116,14 +116,14 @@ struct Bf16VecSums {
   int64_t lanes[9][8] = {};  // S(e), S(ee), S(eh), S(el), S(h), S(l), S(hh), S(hl), S(ll)
   ExactLogSums scalar;       // counts, subnormals and the tail
   ExactLogSums finish() const {
-    int64_t t[9] = {};
+    using I = __int128;
+    I t[9] = {};
     for (int k = 0; k < 9; ++k)
       for (int j = 0; j < 8; ++j) t[k] += lanes[k][j];
+    const auto p2 = [](int k) { return I(1) << k; };  // multiply: t[0], t[2], t[3] may be < 0
     ExactLogSums s = scalar;
-    using I = __int128;
-    s.s1 += (I(t[0]) << 28) + (I(t[4]) << 14) + I(t[5]);
-    s.s2 += (I(t[1]) << 56) + (I(t[2]) << 43) + (I(t[3]) << 29) + (I(t[6]) << 28) +
-            (I(t[7]) << 15) + I(t[8]);
+    s.s1 += t[0] * p2(28) + t[4] * p2(14) + t[5];
+    s.s2 += t[1] * p2(56) + t[2] * p2(43) + t[3] * p2(29) + t[6] * p2(28) + t[7] * p2(15) + t[8];
     return s;
   }
 };

@@ -67,7 +67,9 @@ def test_stats_every_gathers_only_on_its_steps():
 
     codec.encode_with_stats = spy
     xs = [_grad(s, sigma=1.0 + 0.25 * s) for s in range(9)]
-    packets = [p.encode(x, s) for s, x in enumerate(xs)]
+    packets = [p.encode(x, s) for s, x in enumerate(xs[:2])]
+    fit_after_step_1 = p.fit
+    packets += [p.encode(x, s) for s, x in enumerate(xs[2:], start=2)]
     assert [[i for i, y in enumerate(xs) if y is x] for x in seen] == [[1], [3], [5], [7]]  # 0: identity
     ident, fp = build_codec({"name": "identity"}), build_codec({"name": "fp", "bits": 6})
 
@@ -77,7 +79,7 @@ def test_stats_every_gathers_only_on_its_steps():
     # the refresh at step 1 fits step 0; the one at step 5 fits steps 1 and 3 (not 2 or 4)
     first = fit_from_stats(st(ident, xs[0]))
     second = fit_from_stats(merge_stats(st(fp, xs[1]), st(fp, xs[3])))
-    assert p.fit == second and first != second
+    assert fit_after_step_1 == first and p.fit == second and first != second
     # packets of non-gathering steps are the same bytes as the codec's own encode
     assert torch.equal(packets[6], fp.encode(xs[6], seed=p.seed(6), fit=second))
     with pytest.raises(ValueError, match="stats_every .* must be <= refresh_every"):
