@@ -52,6 +52,9 @@ def parse_args(argv=None):
                    "reports/<config name>")
     p.add_argument("--baseline", default=None, help="report.json of a baseline run to plot beside")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="single-process mode: where the in-process stages run (default auto: cuda "
+                        "when a GPU is visible, else cpu); multi-rank runs use DeepSpeed's device")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per process "
                    "(default 1: the default model is tiny, and more threads only contend)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
@@ -101,7 +104,9 @@ def run_inprocess(args, ds_config, gw, gpt_cfg, tokens):
     from gradwire.models.synthetic import TokenStream
 
     stages = args.stages or 2
-    pipe = InProcessPipeline(gpt_layers(gpt_cfg, seed=args.seed), stages, gw, lm_loss)
+    device = torch.device(inprocess_device(args.device))
+    # Built on the CPU (same initial weights on every device), then moved.
+    pipe = InProcessPipeline(gpt_layers(gpt_cfg, seed=args.seed), stages, gw, lm_loss).to(device)
     opt_cfg = ds_config.get("optimizer", {"type": "Adam", "params": {"lr": 1e-3}})
     params = {k: v for k, v in opt_cfg.get("params", {}).items() if k != "torch_adam"}
     opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}.get(opt_cfg.get("type", "adam").lower())
@@ -114,7 +119,8 @@ def run_inprocess(args, ds_config, gw, gpt_cfg, tokens):
     t0 = time.perf_counter()
     for step in range(args.steps):
         opt.zero_grad(set_to_none=True)
-        loss = sum(pipe.forward_backward(*next(data), step, scale=1.0 / gas) for _ in range(gas)) / gas
+        loss = sum(pipe.forward_backward(*(t.to(device) for t in next(data)), step, scale=1.0 / gas)
+                   for _ in range(gas)) / gas
         clip = ds_config.get("gradient_clipping")
         if clip:
             torch.nn.utils.clip_grad_norm_(pipe.parameters(), clip)
@@ -124,9 +130,19 @@ def run_inprocess(args, ds_config, gw, gpt_cfg, tokens):
     if bar:
         bar.close()
     return losses, pipe.wire_log.rows, {"stages": stages, "mode": "in-process", "ranks": 1,
+                                        "device": str(device),
                                         "sparsity_allocations": pipe.allocations,
                                         "layer_ranges": pipe.ranges,
                                         "codec_impl": sorted({_impl(c) for c in pipe.codecs})}
+
+
+def inprocess_device(choice: str) -> str:
+    """The device of the single-process run: ``auto`` takes the GPU when torch sees one."""
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: torch.cuda.is_available() is False here (no GPU, or a CPU-only torch)")
+    return choice
 
 
 def _impl(codec) -> str:
@@ -308,6 +324,8 @@ def main(argv=None) -> int:
             raise ConfigError(f"--data {args.data!r} is not a file (pass a UTF-8 text file)")
         if args.baseline and not os.path.exists(args.baseline):
             raise ConfigError(f"--baseline {args.baseline!r} does not exist (pass a report.json)")
+        if world == 1:
+            inprocess_device(args.device)  # --device cuda without a GPU: a config error, not a traceback
         from gradwire.models.gpt import GPTConfig
 
         try:

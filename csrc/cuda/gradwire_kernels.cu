@@ -179,6 +179,11 @@ struct Table256 {
 
 __global__ void unpack_map_kernel(const uint8_t* in, int64_t n, int bits, Table256 table,
                                   int out_bytes, void* out) {
+  // The table goes to shared memory: lookups with a different code in every lane would be
+  // serialised if they read the kernel-parameter (constant) bank directly.
+  __shared__ uint32_t sh_table[256];
+  for (int i = threadIdx.x; i < 256; i += blockDim.x) sh_table[i] = table.v[i];
+  __syncthreads();
   const int64_t groups = (n + 7) / 8;
   const uint64_t mask = (uint64_t(1) << bits) - 1;
   for (int64_t gi = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; gi < groups;
@@ -190,7 +195,7 @@ __global__ void unpack_map_kernel(const uint8_t* in, int64_t n, int bits, Table2
     uint64_t w = 0;
     for (int b = 0; b < nb; ++b) w |= static_cast<uint64_t>(src[b]) << (8 * b);
     for (int j = 0; j < cnt; ++j) {
-      const uint32_t t = table.v[(w >> (j * bits)) & mask];
+      const uint32_t t = sh_table[(w >> (j * bits)) & mask];
       if (out_bytes == 1) static_cast<uint8_t*>(out)[g + j] = static_cast<uint8_t>(t);
       else if (out_bytes == 2) static_cast<uint16_t*>(out)[g + j] = static_cast<uint16_t>(t);
       else static_cast<uint32_t*>(out)[g + j] = t;
