@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
-from gradwire.codec.base import Codec, check_input, decode_dtype
+from gradwire.codec.base import Codec, canonical_nan, check_input, decode_dtype
 from gradwire.codec.header import (
     Header,
     PacketError,
@@ -43,7 +43,8 @@ class _RawCastCodec(Codec):
 
     def encode(self, x: torch.Tensor, *, seed: int = 0, fit: Any | None = None) -> torch.Tensor:
         x = check_input(x, self.name)
-        w = x.to(self._wire(x.dtype)).contiguous().reshape(-1)
+        wire = self._wire(x.dtype)
+        w = x.contiguous().reshape(-1) if wire == x.dtype else canonical_nan(x.to(wire).reshape(-1))
         return build_packet(self.codec_id, x.dtype, x.shape, b"", w.view(torch.uint8))
 
     def decode(self, packet: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -133,7 +134,9 @@ class _FP8Codec(Codec):
         check_payload_len(h, h.numel, self.name)
         out = decode_dtype(dtype, h.src_dtype)
         q = payload.clone().view(self.fp8_dtype).reshape(h.shape)
-        return (q.float() / scale).to(out)
+        # Divide by a tensor on q's device: CUDA turns division by a Python scalar into a
+        # multiplication by its reciprocal (1 ulp off the CPU's true division).
+        return (q.float() / torch.tensor(scale, dtype=torch.float32, device=q.device)).to(out)
 
     def packed_size(self, shape: Sequence[int], dtype: torch.dtype) -> int:
         dtype_code(dtype)

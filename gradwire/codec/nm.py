@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import torch
 
-from gradwire.codec.base import Codec, check_input, decode_dtype
+from gradwire.codec.base import Codec, canonical_nan, check_input, decode_dtype
 from gradwire.codec.bitpack import pack_bits, packed_nbytes, unpack_bits
 from gradwire.codec.fp import (
     FORMAT_PARAMS,
@@ -166,7 +166,7 @@ class NMCodec(Codec):
         else:
             meta_bytes = pack_bits(flat_idx.to(torch.uint8).reshape(-1), idx_bits // self.n)
         if self.value_bits is None:
-            val_bytes = values.reshape(-1).to(x.dtype).contiguous().view(torch.uint8)
+            val_bytes = canonical_nan(values.reshape(-1).to(x.dtype)).contiguous().view(torch.uint8)
             fmt_block = FORMAT_PARAMS.pack(0, 0, 0, 0, 0, 0)
         else:
             fmt, scale_exp = self.choose(values)
