@@ -48,6 +48,21 @@ CODEC_CONFIGS = {
 }
 
 
+def sources_digest() -> str:
+    """sha256 over csrc/ (paths and contents, sorted)."""
+    import hashlib
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    h = hashlib.sha256()
+    for dirpath, _, files in sorted(os.walk(os.path.join(root, "csrc"))):
+        for name in sorted(files):
+            path = os.path.join(dirpath, name)
+            h.update(os.path.relpath(path, root).encode())
+            with open(path, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()
+
+
 def gpu_time(fn, inner: int) -> float:
     """Seconds per call: CUDA events around ``inner`` back-to-back calls."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -189,6 +204,9 @@ def main(argv=None) -> None:
         res["git_commit"] = _git_commit()
     except Exception:  # the JSON is still useful without it
         res["git_commit"] = None
+    # A copy of the checkout (a remote GPU machine) may carry a stale .git: the digest of the
+    # kernel sources says which code ran whatever git says.
+    res["csrc_sha256"] = sources_digest()
 
     # Harness self-check: what the timer adds, and whether single calls agree with batched ones.
     empty = statistics.median(gpu_time(lambda: None, 1) for _ in range(args.repeat))
