@@ -117,6 +117,7 @@ def run_inprocess(args, ds_config, gw, gpt_cfg, tokens):
     data = TokenStream(tokens, gpt_cfg.seq_len, micro, seed=args.seed + 1)
     losses, bar = [], progress(args, 0, args.steps)
     t0 = time.perf_counter()
+    ends = []  # wall clock at the end of every step: step times for bench/slow_link.py
     for step in range(args.steps):
         opt.zero_grad(set_to_none=True)
         loss = sum(pipe.forward_backward(*(t.to(device) for t in next(data)), step, scale=1.0 / gas)
@@ -126,14 +127,29 @@ def run_inprocess(args, ds_config, gw, gpt_cfg, tokens):
             torch.nn.utils.clip_grad_norm_(pipe.parameters(), clip)
         opt.step()
         losses.append(loss)
+        ends.append(time.perf_counter())
         _tick(bar, loss, pipe.wire_log.step_totals(step), (step + 1) * gas * micro * gpt_cfg.seq_len, t0)
     if bar:
         bar.close()
     return losses, pipe.wire_log.rows, {"stages": stages, "mode": "in-process", "ranks": 1,
-                                        "device": str(device),
+                                        "device": str(device), "step_seconds": _step_seconds(t0, ends),
                                         "sparsity_allocations": pipe.allocations,
                                         "layer_ranges": pipe.ranges,
                                         "codec_impl": sorted({_impl(c) for c in pipe.codecs})}
+
+
+def _net_counter():
+    """(reader, samples) when a link benchmark asks for the link's byte counter at every step
+    end ($GRADWIRE_NET_COUNTER, see gradwire.testing.shaped_link), else None."""
+    from gradwire.testing.shaped_link import tx_bytes_reader
+
+    read = tx_bytes_reader()
+    return None if read is None else (read, [read()])
+
+
+def _step_seconds(t0: float, ends: list[float]) -> list[float]:
+    """Wall-clock seconds of each step, from the start of the loop and each step's end."""
+    return [b - a for a, b in zip([t0] + ends[:-1], ends)]
 
 
 def inprocess_device(choice: str) -> str:
@@ -223,9 +239,13 @@ def run_deepspeed(args, ds_config, gw, gpt_cfg, tokens, world):
     # Rank 0 is stage 0: it sees boundary 0 from the receiving side (bytes received per step).
     raw_per_step = gas * micro * gpt_cfg.seq_len * gpt_cfg.width * 4  # fp32 hidden-state gradients
     prev = 0
+    ends, net = [], _net_counter()
     for step in range(args.steps):
         loss = float(engine.train_batch(data_iter=data))
         losses.append(loss)
+        ends.append(time.perf_counter())
+        if net:
+            net[1].append(net[0]())
         if bar is not None:
             _tick(bar, loss, (raw_per_step, engine.gradwire_bytes_received - prev),
                   (step + 1) * gas * micro * gpt_cfg.seq_len, t0)
@@ -245,6 +265,8 @@ def run_deepspeed(args, ds_config, gw, gpt_cfg, tokens, world):
     dist.all_gather_object(every, mine)
     rows = [r for e in every for r in e["rows"]]
     info = {"stages": stages, "mode": "deepspeed-pipeline", "ranks": dist.get_world_size(),
+            "step_seconds": _step_seconds(t0, ends),  # rank 0's view; every rank takes part in every step
+            "net_tx_bytes": net[1] if net else None,
             "bytes_sent_by_rank": [e["sent"] for e in every],
             "bytes_received_by_rank": [e["received"] for e in every],
             "codec_impl": sorted({i for e in every for i in e["impl"]}),
