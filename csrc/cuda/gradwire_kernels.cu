@@ -125,9 +125,10 @@ int64_t blocks_for(int64_t groups) {
 // start 4-byte aligned because every thread's output starts at a multiple of 4 * kBits bytes):
 // the packed output of a full quad is written with kBits 32-bit stores (consecutive threads,
 // consecutive words: coalesced) instead of 4 * kBits byte stores. The last, partial quad and a
-// misaligned `out` keep the byte stores. kBits is a template parameter: with a runtime width the
-// byte-to-word shuffle needs an integer division per byte and a stack array, which made the
-// kernel compute-bound (measured on an H200: 5x the time of a copy).
+// misaligned `out` keep the byte stores. kBits is a template parameter, so the byte-to-word
+// shuffle unrolls into shifts (a runtime width costs an integer division per byte and a stack
+// array). Measured on an H200 (bench/results/gpu_check_h200) the encode is still compute-bound,
+// 5.5x the time of copying its input: the per-element integer work of fp_split dominates.
 template <int kBits, bool kStats>
 __global__ void fp_encode_kernel(const void* x, int dtype, int64_t n, FpParams p, RngKeys keys,
                                  uint64_t offset, uint8_t* out, double* scratch) {
