@@ -136,8 +136,27 @@ def _mismatch(rank, world):
     return None
 
 
+def _conv_nm(rank, world, dim):
+    """A conv feature-map boundary (mb, 6, 2, 2): N:M 2:4 over the flattened gradient works; N:M
+    along the last dimension (2, not a multiple of 4) is refused on both ranks when the schedule
+    builds the backward buffers, before any gradient is sent."""
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.Tanh()),
+              nn.Sequential(nn.Flatten(), nn.Linear(24, 1))]
+    codec = {"name": "nm", "n": 2, "m": 4, "dim": dim}
+    stage = CompressedPipelineStage(blocks[rank], rank, 2, torch.device("cpu"), codec=codec, keep_trace=True)
+    sched = Schedule1F1B(stage, n_microbatches=MB, loss_fn=lambda o, t: ((o - t) ** 2).sum())
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(B, 3, 2, 2, generator=g), torch.randn(B, 1, generator=g)
+    try:
+        sched.step(x) if rank == 0 else sched.step(target=y, losses=[])
+    except ValueError as e:
+        return str(e)
+    return stage.trace
+
+
 def _worker(rank, world):
-    res = {}
+    res = {"conv_flat": _conv_nm(rank, world, None), "conv_lastdim": _conv_nm(rank, world, -1)}
     for name in SCHEDULES:
         res[name] = {"plain": _run(rank, world, name, None),
                      "identity": _run(rank, world, name, {"name": "identity"}),
@@ -193,5 +212,13 @@ def test_every_schedule():
         assert not torch.equal(first["bf16"]["params"], first["plain"]["params"]), name
     ref = [sum(t.item() for t in vals[1]["from_pipe_ref"][0])]
     assert len(vals[1]["from_pipe"]) == MB and abs(sum(vals[1]["from_pipe"]) - ref[0]) <= 1e-5 * abs(ref[0])
+    codec = build_codec({"name": "nm", "n": 2, "m": 4, "dim": None})
+    sent, recv = vals[1]["conv_flat"]["sent"], vals[0]["conv_flat"]["recv"]
+    assert len(sent) == len(recv) == MB
+    assert all(a[:2] == b[:2] and torch.equal(a[2], b[2]) for a, b in zip(sent, recv))
+    for (_, _, pk), (_, _, dec) in zip(recv, vals[0]["conv_flat"]["decoded"]):
+        assert dec.shape == (B // MB, 6, 2, 2) and torch.equal(dec, codec.decode(pk))
+    for v in vals:
+        assert "shape (4, 6, 2, 2)" in v["conv_lastdim"] and "divisible by 4" in v["conv_lastdim"]
     for m in (vals[0]["mismatch"], vals[1]["mismatch"]):
         assert m and "bf16" in m and "fp8_e4m3" in m
