@@ -116,9 +116,18 @@ def _plain_allreduce(buf: torch.Tensor, group, p: int) -> torch.futures.Future:
 
 
 def _segments(bucket: dist.GradBucket, buf: torch.Tensor) -> list[tuple[int, int]]:
-    """(offset, numel) of each parameter's gradient in the bucket buffer (its views)."""
-    base = buf.storage_offset()
-    return [(g.storage_offset() - base, g.numel()) for g in bucket.gradients()]
+    """(offset, numel) of each parameter's gradient in the bucket buffer. DDP lays a bucket's
+    gradients out back to back in ``bucket.parameters()`` order; computed from the sizes (not
+    the views' storage offsets) so that a wrapper that replaced the buffer (torch's
+    ``fp16_compress_wrapper``: ``bucket.set_buffer(buffer.to(float16))``) is handled too."""
+    out, offset = [], 0
+    for q in bucket.parameters():
+        out.append((offset, q.numel()))
+        offset += q.numel()
+    if offset != buf.numel():
+        raise RuntimeError(f"DDP bucket {bucket.index()}: its parameters hold {offset} elements but its "
+                           f"buffer has {buf.numel()}; gradwire cannot tell the gradients apart")
+    return out
 
 
 def gradwire_allreduce_hook(state: GradwireDDPState, bucket: dist.GradBucket

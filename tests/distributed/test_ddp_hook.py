@@ -11,7 +11,8 @@
 3. A hook state pickled after k steps and loaded, with the model, into a fresh DDP (whose first
    iteration has DDP's initial bucket layout again, not the rebuilt one) continues bit-identically
    to the uninterrupted run.
-Plus the warm-up (``start_iter``): the first iterations are exactly plain DDP.
+Plus the warm-up (``start_iter``): the first iterations are exactly plain DDP; and torch's
+``fp16_compress_wrapper`` composes with the gradwire hook.
 """
 from __future__ import annotations
 
@@ -158,6 +159,28 @@ def _warmup_case(rank):
     return dict(equal=[torch.equal(a, b) for a, b in zip(*per_step)], counters=counters)
 
 
+def _fp16_wrapper_case(rank):
+    """torch's fp16_compress_wrapper around the gradwire hook: the wrapper hands the hook a new
+    float16 buffer and copies the hook's result back. With the identity codec the gradients are
+    the float16 sum of the float16 local gradients (summed in float32 in rank order, rounded to
+    float16), halved in float16, as gradwire's two-phase all-reduce specifies."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_wrapper
+
+    model = _mlp()
+    ref = copy.deepcopy(model)
+    ddp = nn.parallel.DistributedDataParallel(model, **BUCKETS)
+    ddp.register_comm_hook(GradwireDDPState(CODECS["identity"]), fp16_compress_wrapper(gradwire_allreduce_hook))
+    x, y = _batch(rank, 0)
+    nn.functional.mse_loss(ref(x), y).backward()
+    local = torch.cat([p.grad.reshape(-1) for p in ref.parameters()]).half()
+    both = [torch.empty_like(local) for _ in range(2)]
+    dist.all_gather(both, local)
+    want = ((both[0].float() + both[1].float()).half() / 2).float()
+    nn.functional.mse_loss(ddp(x), y).backward()
+    got = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    return torch.equal(got, want), torch.equal(got, local.float())
+
+
 def _worker(rank, world):
     res = {"overlap": {name: _overlap_case(rank, cfg) for name, cfg in CODECS.items()}}
     res["plain"] = _flat(_plain_run(rank, _mlp))
@@ -166,6 +189,7 @@ def _worker(rank, world):
     res["mixed"] = {"bf16": _mixed_case(rank, CODECS["bf16"], 1), "identity": _mixed_case(rank, CODECS["identity"], STEPS)}
     res["resume"] = {name: _resume_case(rank, CODECS[name]) for name in ("fp8", "fp6", "prune", "nm24")}
     res["warmup"] = _warmup_case(rank)
+    res["fp16_wrapper"] = _fp16_wrapper_case(rank)
 
     errs = []
     for kw in ({"start_iter": -1}, {"start_iter": 1.5}):
@@ -200,6 +224,7 @@ def test_ddp_hook_drop_in():
         for name, (full, resumed, it) in v["resume"].items():
             assert torch.equal(full, resumed), f"{name}: resumed run differs from the uninterrupted one"
             assert it == STEPS
+        assert v["fp16_wrapper"] == (True, False)  # the reduced float16 result, not the local one
         w = v["warmup"]
         assert w["equal"] == [True, True, False], w["equal"]  # plain for 2 iterations, then fp6
         assert w["counters"]["plain_by_reason"]["warmup"] >= 2
