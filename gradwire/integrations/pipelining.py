@@ -58,6 +58,9 @@ class CompressedPipelineStage(PipelineStage):
     def __init__(self, submodule: torch.nn.Module, stage_index: int, num_stages: int,
                  device: torch.device, *args: Any, codec: Codec | Mapping[str, Any], base_seed: int = 0,
                  keep_trace: bool = False, **kwargs: Any):
+        if not hasattr(PipelineStage, "_warmup_forward_vote"):  # the handshake rides on it
+            raise RuntimeError("CompressedPipelineStage needs torch.distributed.pipelining's warm-up "
+                               f"vote (torch 2.13); this torch is {torch.__version__}")
         codec = as_codec(codec)
         if not codec.fixed_rate:
             raise TypeError(f"pipeline stages need a fixed-rate codec; {codec!r} is variable-size")
