@@ -8,11 +8,22 @@ weight gradients are untouched, and ``disable()`` restores Megatron's Function.
 Pipeline parallelism: ``CompressedP2PCommunicator`` driven through the calls Megatron's 1F1B
 schedule makes (send_forward / recv_forward, send_forward_recv_backward /
 send_backward_recv_forward, recv_backward / send_backward), batched and unbatched: activations
-arrive exactly, gradients as the decode of the sent packet. Megatron's schedule functions
-themselves allocate on "cuda" (``total_num_tokens = torch.zeros(..., device="cuda")``) and are
-not run here; no test runs them (no GPU on the machines this was built on).
+arrive exactly, gradients as the decode of the sent packet. And Megatron's own 1F1B schedule
+(``forward_backward_pipelining_without_interleaving``) with the communicator: identity
+bit-identical to Megatron's P2PCommunicator, bf16 gradients exactly the codec's round trip of
+the uncompressed ones. Megatron hard-codes CUDA in two places on that path, which a test-only
+shim (``_cpu_torch``, applied in the worker processes only) maps to the CPU:
+``schedules.py`` ``total_num_tokens = torch.zeros([], dtype=torch.int, device="cuda")`` (in
+``forward_backward_pipelining_without_interleaving``) and ``p2p_communication.py``
+``torch.cuda.current_device()`` (Megatron's own communicator's receive buffers; gradwire's
+communicator allocates on the group's device itself) and its ``torch.cuda.synchronize()`` after
+batched p2p (``batch_p2p_sync``; gradwire's calls it only when CUDA is available). Not run here: the interleaved schedule and
+sequence parallelism (Megatron allocates its reduce-scatter output on
+``torch.cuda.current_device()``), which need a GPU.
 """
 from __future__ import annotations
+
+import types
 
 import pytest
 import torch
@@ -99,8 +110,89 @@ def _pp(rank, world, batch: bool, codec_cfg):
     return dict(acts=acts, grads=grads, got=got, bytes=comm.bytes_sent, raw=comm.raw_bytes_sent)
 
 
+def _cpu_torch():
+    """Test-only: a ``torch`` for Megatron's modules whose ``"cuda"`` allocations go to the CPU."""
+    real = torch
+
+    def to_cpu(fn):
+        def call(*a, **kw):
+            if str(kw.get("device", "")).startswith("cuda"):
+                kw["device"] = "cpu"
+            return fn(*a, **kw)
+        return call
+
+    class Cuda:
+        def current_device(self):
+            return "cpu"
+
+        def synchronize(self, *a, **kw):  # nothing asynchronous on the CPU
+            return None
+
+        def __getattr__(self, name):
+            return getattr(real.cuda, name)
+
+    class Torch(types.ModuleType):
+        cuda = Cuda()
+
+        def __getattr__(self, name):
+            v = getattr(real, name)
+            return to_cpu(v) if name in ("zeros", "empty", "ones", "tensor") else v
+
+    return Torch("torch")
+
+
+def _schedule(rank, world, codec_cfg, solo):
+    """Megatron's 1F1B over 2 stages (one Linear each), 4 micro-batches. codec None: Megatron's
+    own P2PCommunicator. Returns the losses, the weight gradient, the gradients rank 0 received."""
+    from megatron.core.enums import ModelType
+    from megatron.core.pipeline_parallel import p2p_communication, schedules
+    from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    schedules.torch = p2p_communication.torch = _cpu_torch()
+    cfg = TransformerConfig(num_layers=world, hidden_size=SHAPE[2], num_attention_heads=1,
+                            pipeline_model_parallel_size=world, pipeline_dtype=torch.float32,
+                            use_cpu_initialization=True)
+    torch.manual_seed(0)
+    model = [torch.nn.Linear(SHAPE[2], SHAPE[2]) for _ in range(world)][rank]
+    model.config, model.model_type = cfg, ModelType.encoder_or_decoder
+    inputs = {}
+    model.set_input_tensor = lambda t: inputs.update(x=t[0] if isinstance(t, list) else t)
+    comm = (P2PCommunicator(dist.group.WORLD, cfg) if codec_cfg is None
+            else gw_mc.CompressedP2PCommunicator(dist.group.WORLD, cfg, codec=codec_cfg, base_seed=3))
+    received = []
+    communicate = comm._communicate
+
+    def recording(**kw):
+        out = communicate(**kw)
+        if out[1] is not None:
+            received.append(out[1].detach().clone())
+        return out
+
+    comm._communicate = recording
+    pg = ProcessGroupCollection()
+    pg.tp = pg.cp = pg.dp_cp = solo
+    pg.pp, pg.embd, pg.pos_embd = dist.group.WORLD, None, None
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)) for _ in range(4)]
+
+    def forward_step(it, m):
+        x, y = next(it)
+        out = m(x if rank == 0 else inputs["x"])
+        return out, lambda o: (((o - y) ** 2).mean(), {"loss": ((o - y) ** 2).mean().detach()})
+
+    losses = schedules.forward_backward_pipelining_without_interleaving(
+        forward_step_func=forward_step, data_iterator=iter(data), model=model, num_microbatches=4,
+        seq_length=SHAPE[0], micro_batch_size=SHAPE[1], p2p_communicator=comm, pg_collection=pg)
+    return dict(losses=[d["loss"] for d in losses], wgrad=model.weight.grad.clone(), received=received)
+
+
 def _worker(rank, world):
     res = {"tp": _tp(rank, world)}
+    solo = [dist.new_group([r]) for r in range(world)][rank]  # this rank alone: tp, cp, dp
+    res["schedule"] = {name: _schedule(rank, world, None if name == "plain" else {"name": name}, solo)
+                       for name in ("plain", "identity", "bf16")}
     for batch in (True, False):
         for name in ("identity", "bf16"):
             res[("pp", batch, name)] = _pp(rank, world, batch, {"name": name})
@@ -146,6 +238,18 @@ def test_megatron_tensor_and_pipeline_parallel_on_cpu():
             if name == "identity":
                 assert torch.equal(r0["got"]["g0"], r1["grads"][0])
             assert r1["bytes"] == 2 * codec.packed_size(SHAPE, torch.float32) and r1["raw"] == 2 * 4 * 64
+    for v in vals:  # Megatron's own 1F1B schedule
+        r = v["schedule"]
+        for a, b in zip(r["identity"]["losses"] + [r["identity"]["wgrad"]], r["plain"]["losses"] + [r["plain"]["wgrad"]]):
+            assert torch.equal(a, b)
+    r0, r1 = vals[0]["schedule"], vals[1]["schedule"]
+    assert len(r0["plain"]["received"]) == 4 and len(r1["plain"]["losses"]) == 4
+    bf16 = build_codec({"name": "bf16"})
+    for got, plain in zip(r0["bf16"]["received"], r0["plain"]["received"]):
+        assert torch.equal(got, bf16.decode(bf16.encode(plain)))  # the last stage sent the same gradients
+    assert all(torch.equal(a, b) for a, b in zip(r1["bf16"]["losses"], r1["plain"]["losses"]))
+    assert torch.equal(r1["bf16"]["wgrad"], r1["plain"]["wgrad"])
+    assert not torch.equal(r0["bf16"]["wgrad"], r0["plain"]["wgrad"])  # bf16 reached the first stage
     assert "fixed-rate" in vals[0]["variable_refused"]
     assert "0.17.0" in vals[0]["version_refused"]
 
