@@ -116,8 +116,9 @@ def segmented_all_reduce(flat: torch.Tensor, segments: Sequence[tuple[int, int]]
     align, dtype, dev = _align(codec), flat.dtype, flat.device
     bounds = [chunk_bounds(n, p, align) for _, n in segments]  # per segment: p (start, end)
     x = flat.detach()
-    send1 = [[_encode_chunk(codec, x[a + b0:a + b1], derive_seed(s, 1, me, j), align)
-              for (a, _), bd, s in zip(segments, bounds, seeds) for b0, b1 in (bd[j],)]
+    # send1[j][k]: chunk j of segment k, for rank j
+    send1 = [[_encode_chunk(codec, x[a + bd[j][0]:a + bd[j][1]], derive_seed(s, 1, me, j), align)
+              for (a, _), bd, s in zip(segments, bounds, seeds)]
              for j in range(p)]
     fixed = codec.fixed_rate
     mine = [bd[me][1] - bd[me][0] for bd in bounds]
