@@ -51,6 +51,8 @@ def codec_from_spec(spec: CodecSpec) -> Codec:
 def _registry_config(spec: CodecSpec) -> dict[str, Any]:
     d = spec.to_dict()
     d.pop("heterogeneous", None)  # an allocation policy across boundaries, not a codec parameter
+    if d.get("name") == "nm":  # for communication, blocks over the flattened tensor: any shape
+        d["dim"] = None
     return d
 
 
