@@ -13,6 +13,7 @@ import torch
 
 from gradwire.codec.base import Codec, check_input, decode_dtype
 from gradwire.codec.header import (
+    Expected,
     Header,
     PacketError,
     build_packet,
@@ -46,8 +47,9 @@ class _RawCastCodec(Codec):
         w = x.to(self._wire(x.dtype)).contiguous().reshape(-1)
         return build_packet(self.codec_id, x.dtype, x.shape, b"", w.view(torch.uint8))
 
-    def decode(self, packet: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
-        h, payload = parse_packet(packet)
+    def decode(self, packet: torch.Tensor, *, dtype: torch.dtype | None = None,
+               expect: Expected | None = None) -> torch.Tensor:
+        h, payload = parse_packet(packet, expect)
         check_codec_id(h, self.codec_id, self.name)
         unpack_params(h, struct.Struct("<"), self.name)
         wire = self._wire(h.src_dtype)
@@ -123,9 +125,10 @@ class _FP8Codec(Codec):
         q = self.quantize(x, scale).contiguous().reshape(-1)
         return build_packet(self.codec_id, x.dtype, x.shape, _SCALE.pack(scale), q.view(torch.uint8))
 
-    def decode(self, packet: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def decode(self, packet: torch.Tensor, *, dtype: torch.dtype | None = None,
+               expect: Expected | None = None) -> torch.Tensor:
         h: Header
-        h, payload = parse_packet(packet)
+        h, payload = parse_packet(packet, expect)
         check_codec_id(h, self.codec_id, self.name)
         (scale,) = unpack_params(h, _SCALE, self.name)
         if not (math.isfinite(scale) and scale > 0):

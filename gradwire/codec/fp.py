@@ -34,6 +34,7 @@ import torch
 from gradwire.codec.base import Codec, EncodeResult, check_input, decode_dtype
 from gradwire.codec.bitpack import packed_nbytes
 from gradwire.codec.header import (
+    Expected,
     Header,
     PacketError,
     build_packet,
@@ -262,11 +263,12 @@ class FPCodec(Codec):
         """The packet alone: the same bytes as ``encode_with_stats``, without the statistics."""
         return self._encode(x, seed, fit, False).packet
 
-    def decode(self, packet: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def decode(self, packet: torch.Tensor, *, dtype: torch.dtype | None = None,
+               expect: Expected | None = None) -> torch.Tensor:
         from gradwire import ops
 
         h: Header
-        h, payload = parse_packet(packet)
+        h, payload = parse_packet(packet, expect)
         check_codec_id(h, self.codec_id, self.name)
         fmt, rounding, scale_exp = unpack_format(unpack_params(h, FORMAT_PARAMS, self.name), self.name)
         sent = {"name": self.name, "bits": fmt.bits, "exp_bits": fmt.exp_bits, "rounding": rounding}

@@ -44,6 +44,7 @@ from gradwire.codec.fp import (
     usable_fit,
 )
 from gradwire.codec.header import (
+    Expected,
     PacketError,
     build_packet,
     check_codec_id,
@@ -184,11 +185,12 @@ class NMCodec(Codec):
                 else blocks * self.n * dtype.itemsize)
         return [(blocks * idx_bits + 7) // 8, vals]  # metadata, values
 
-    def decode(self, packet: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def decode(self, packet: torch.Tensor, *, dtype: torch.dtype | None = None,
+               expect: Expected | None = None) -> torch.Tensor:
         from gradwire import ops
         from gradwire.numerics.nm import scatter_blocks
 
-        h, payload = parse_packet(packet)
+        h, payload = parse_packet(packet, expect)
         check_codec_id(h, self.codec_id, self.name)
         n, m, mcode, dim, has_fmt, *fmt_fields = unpack_params(h, NM_PARAMS, self.name)
         if mcode >= len(METHODS):

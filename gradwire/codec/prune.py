@@ -67,6 +67,7 @@ from gradwire.codec.fp import (
     usable_fit,
 )
 from gradwire.codec.header import (
+    Expected,
     PacketError,
     build_packet,
     check_codec_id,
@@ -249,10 +250,11 @@ class PruneCodec(Codec):
         params = PRUNE_PARAMS.pack(a, flag, *FORMAT_PARAMS.unpack(fmt_block), nnz, int(is_alpha.sum()))
         return build_packet(self.codec_id, x.dtype, x.shape, params, torch.cat(sections))
 
-    def decode(self, packet: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def decode(self, packet: torch.Tensor, *, dtype: torch.dtype | None = None,
+               expect: Expected | None = None) -> torch.Tensor:
         from gradwire import ops
 
-        h, payload = parse_packet(packet)
+        h, payload = parse_packet(packet, expect)
         check_codec_id(h, self.codec_id, self.name)
         a, flag, *fmt_fields, nnz, n_alpha = unpack_params(h, PRUNE_PARAMS, self.name)
         if not (math.isfinite(a) and a >= 0):

@@ -124,7 +124,8 @@ class PacketChannel:
     """
 
     def __init__(self, codec: Codec, peer: int, *, group=None, tag: int = 0, base_seed: int = 0,
-                 boundary_id: int = 0, device: torch.device | str | None = None):
+                 boundary_id: int = 0, device: torch.device | str | None = None,
+                 settings: dict | None = None):
         if not isinstance(codec, Codec):
             raise TypeError(f"codec must be a gradwire Codec, got {type(codec).__name__}")
         if not isinstance(peer, int) or peer < 0:
@@ -134,6 +135,7 @@ class PacketChannel:
         # None: the group backend's device (CUDA under NCCL, CPU under gloo), see default_device
         self.device = default_device(group) if device is None else torch.device(device)
         self._checked = False
+        self.settings = dict(settings or {})  # more values both ends must agree on (handshake)
         self._buf: torch.Tensor | None = None
         self.bytes_sent = 0  # packet bytes (plus length prefixes) this rank put on the wire
         self.bytes_received = 0
@@ -142,7 +144,7 @@ class PacketChannel:
     def handshake(self) -> None:
         """Swap config fingerprints with the peer now (otherwise done at the first exchange)."""
         if not self._checked:
-            check_peer(self.codec, self.peer, self.group, self.device)
+            check_peer(self.codec, self.peer, self.group, self.device, settings=self.settings)
             self._checked = True
 
     def seed(self, step: int) -> int:
@@ -174,8 +176,12 @@ class PacketChannel:
         return packet
 
     def recv(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-        """Receive and decode the next tensor of ``shape``/``dtype``; checks the decoded shape."""
-        out = self.codec.decode(self.recv_packet(shape, dtype), dtype=dtype)
+        """Receive and decode the next tensor of ``shape``/``dtype``: the packet's header is
+        checked against them before the decode allocates (``codec.header.Expected``)."""
+        from gradwire.codec.header import Expected
+
+        expect = Expected(tuple(shape), dtype)
+        out = self.codec.decode(self.recv_packet(shape, dtype), dtype=dtype, expect=expect)
         if tuple(out.shape) != tuple(shape):
             raise CommError(f"rank {self.peer} sent a tensor of shape {tuple(out.shape)}, "
                             f"expected {tuple(shape)}")
