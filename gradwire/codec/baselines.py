@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 
 from gradwire.codec.base import Codec, check_input, decode_dtype
+from gradwire.numerics.fp import saturating_cast
 from gradwire.codec.header import (
     Expected,
     Header,
@@ -44,7 +45,8 @@ class _RawCastCodec(Codec):
 
     def encode(self, x: torch.Tensor, *, seed: int = 0, fit: Any | None = None) -> torch.Tensor:
         x = check_input(x, self.name)
-        w = x.to(self._wire(x.dtype)).contiguous().reshape(-1)
+        # float32 values near its max round up to inf in bf16: saturate finite values instead
+        w = saturating_cast(x, self._wire(x.dtype)).contiguous().reshape(-1)
         return build_packet(self.codec_id, x.dtype, x.shape, b"", w.view(torch.uint8))
 
     def decode(self, packet: torch.Tensor, *, dtype: torch.dtype | None = None,
@@ -56,7 +58,9 @@ class _RawCastCodec(Codec):
         check_payload_len(h, h.numel * wire.itemsize, self.name)
         out = decode_dtype(dtype, h.src_dtype)
         # clone(): the payload view starts 8-byte aligned, but a fresh buffer is simplest to own.
-        return payload.clone().view(wire).reshape(h.shape).to(out)
+        y = payload.clone().view(wire).reshape(h.shape)
+        # bf16 65536 (fp16 65504 rounded) must not become an fp16 inf; infs on the wire stay inf
+        return saturating_cast(y, out) if torch.finfo(wire).max > torch.finfo(out).max else y.to(out)
 
     def packed_size(self, shape: Sequence[int], dtype: torch.dtype) -> int:
         dtype_code(dtype)
@@ -136,7 +140,11 @@ class _FP8Codec(Codec):
         check_payload_len(h, h.numel, self.name)
         out = decode_dtype(dtype, h.src_dtype)
         q = payload.clone().view(self.fp8_dtype).reshape(h.shape)
-        return (q.float() / scale).to(out)
+        if torch.finfo(self.fp8_dtype).max / scale < 0.5 * torch.finfo(out).max:
+            return (q.float() / scale).to(out)
+        # near the top of out's range (amax ~ float32 max): divide in float64 and saturate, so a
+        # finite code stays finite; the fp8 NaN/inf codes stay non-finite
+        return saturating_cast(q.double() / scale, out)
 
     def packed_size(self, shape: Sequence[int], dtype: torch.dtype) -> int:
         dtype_code(dtype)

@@ -283,7 +283,7 @@ class FPCodec(Codec):
             if "padding" not in str(e):
                 raise
             raise PacketError(f"{self.name} payload: nonzero padding bits after the last code") from None
-        return y.reshape(h.shape).to(out)
+        return saturate_decoded(y, fmt, scale_exp).reshape(h.shape).to(out)
 
     def packed_size(self, shape: Sequence[int], dtype: torch.dtype) -> int:
         dtype_code(dtype)
@@ -291,6 +291,17 @@ class FPCodec(Codec):
         for d in shape:
             n *= int(d)
         return header_size(shape, FORMAT_PARAMS.size) + packed_nbytes(n, self.bits)
+
+
+def saturate_decoded(y: torch.Tensor, fmt, scale_exp: int) -> torch.Tensor:
+    """Decoded FP values with overflows saturated (``numerics.fp.saturating_cast``): a finite
+    gradient arrives finite. Only packets whose largest code, scaled, exceeds ``y.dtype``'s range
+    pay for the extra pass (a Python check on the header's values)."""
+    from gradwire.numerics.fp import saturating_cast
+
+    if fmt.max_value * 2.0 ** -scale_exp <= torch.finfo(y.dtype).max:
+        return y
+    return saturating_cast(y, y.dtype, inf_is_overflow=True)
 
 
 def kernel_dtype(out: torch.dtype) -> torch.dtype:
