@@ -17,7 +17,9 @@ Schema (all keys optional)::
       "boundaries": {"1": {"bits": 8}},        # per-boundary overrides, merged into "codec"
       "data_parallel": {"name": "fp", "bits": 8},  # optional: compress DP gradient all-reduce
       "tensor_parallel": {"size": 2, "codec": {"name": "fp", "bits": 8}},  # optional: TP in stages
-      "report_dir": "reports/fp6"
+      "report_dir": "reports/fp6",
+      "timeout": 120                   # seconds any gradwire wait for a peer may last (default:
+                                       # the process group's: DeepSpeed's 10 min / $DEEPSPEED_TIMEOUT)
     }
 
 Boundary ``b`` is the link between pipeline stage ``b`` and stage ``b + 1`` (its backward
@@ -178,7 +180,7 @@ def parse_codec(d: Mapping[str, Any], where: str = "gradwire.codec") -> CodecSpe
 
 
 SECTION_KEYS = ("enabled", "seed", "refresh_every", "stats_every", "warmup_steps", "codec", "boundaries", "data_parallel",
-                "tensor_parallel", "report_dir")
+                "tensor_parallel", "report_dir", "timeout")
 TP_KEYS = ("size", "codec")
 
 
@@ -218,6 +220,7 @@ class GradwireConfig:
     data_parallel: CodecSpec | None = None
     report_dir: str | None = None
     tensor_parallel: TensorParallelSpec = field(default_factory=TensorParallelSpec)
+    timeout: float | None = None  # seconds (comm.timeout); None: the process group's own
 
     def codec_for(self, boundary: int) -> CodecSpec:
         """The codec of pipeline boundary ``boundary`` (stage b -> b+1); ``none`` if disabled."""
@@ -277,10 +280,16 @@ def parse_gradwire(section: Mapping[str, Any] | None) -> GradwireConfig:
     rd = section.get("report_dir")
     if rd is not None and not isinstance(rd, str):
         raise ConfigError(f"gradwire.report_dir must be a string, got {rd!r}")
+    from gradwire.comm.timeout import check_timeout
+
+    try:
+        timeout = check_timeout(section.get("timeout"))
+    except ValueError as e:
+        raise ConfigError(f"gradwire.{e}") from None
     return GradwireConfig(enabled=enabled, seed=seed, refresh_every=refresh, stats_every=stats_every,
                           warmup_steps=warmup, codec=codec,
                           boundaries=tuple(sorted(overrides)), data_parallel=dp_spec, tensor_parallel=tp_spec,
-                          report_dir=rd)
+                          report_dir=rd, timeout=timeout)
 
 
 def load_config(path: str) -> tuple[dict[str, Any], GradwireConfig]:

@@ -280,6 +280,8 @@ def _section(gw):
          "data_parallel": gw.data_parallel.to_dict() if gw.data_parallel else None,
          "codec": gw.codec.to_dict(), "boundaries": {str(b): s.to_dict() for b, s in gw.boundaries},
          "tensor_parallel": gw.tensor_parallel.to_dict()}
+    if gw.timeout is not None:
+        d["timeout"] = gw.timeout
     return d
 
 
@@ -354,8 +356,12 @@ def main(argv=None) -> int:
 
         # Under mpirun DeepSpeed's MPI discovery sets MASTER_PORT from distributed_port; honour
         # a MASTER_PORT the user exported (default 29500, DeepSpeed's own).
+        import datetime
+
+        # gradwire.timeout also bounds DeepSpeed's own waits (else its 10 min / $DEEPSPEED_TIMEOUT)
+        kw = {} if gw.timeout is None else {"timeout": datetime.timedelta(seconds=gw.timeout)}
         deepspeed.init_distributed(dist_backend=None if torch.cuda.is_available() else "gloo",
-                                   distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
+                                   distributed_port=int(os.environ.get("MASTER_PORT", 29500)), **kw)
         losses, rows, info, rank = run_deepspeed(args, ds_config, gw, gpt_cfg, tokens, world)
     else:
         losses, rows, info = run_inprocess(args, ds_config, gw, gpt_cfg, tokens)

@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from gradwire.codec.base import Codec
 from gradwire.comm.errors import CommError, comm_guard
+from gradwire.comm.timeout import wait_all
 from gradwire.numerics.rng import derive_seed
 
 
@@ -57,7 +58,8 @@ def exchange_packets(packets: Sequence[torch.Tensor], group=None, *, sizes_known
         s_in = torch.tensor(send_sizes, dtype=torch.int64, device=device)
         s_out = torch.empty(p, dtype=torch.int64, device=device)
         with comm_guard("all_to_all of packet sizes"):
-            dist.all_to_all_single(s_out, s_in, group=group)
+            work = dist.all_to_all_single(s_out, s_in, group=group, async_op=True)
+        wait_all([work], "all_to_all of packet sizes")  # at most gradwire.timeout
         recv_sizes = [int(v) for v in s_out.tolist()]
         for r, v in enumerate(recv_sizes):
             if v < 0 or (max_sizes is not None and v > max_sizes[r]):
@@ -67,9 +69,11 @@ def exchange_packets(packets: Sequence[torch.Tensor], group=None, *, sizes_known
         recv_sizes = [int(v) for v in sizes_known]
     out = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=device)
     inp = torch.cat([t.reshape(-1) for t in packets]) if packets else out[:0]
-    with comm_guard(f"all_to_all of packets ({sum(send_sizes)} bytes out)"):
-        dist.all_to_all_single(out, inp, output_split_sizes=recv_sizes,
-                               input_split_sizes=send_sizes, group=group)
+    what = f"all_to_all of packets ({sum(send_sizes)} bytes out)"
+    with comm_guard(what):
+        work = dist.all_to_all_single(out, inp, output_split_sizes=recv_sizes,
+                                      input_split_sizes=send_sizes, group=group, async_op=True)
+    wait_all([work], what)
     return list(torch.split(out, recv_sizes))
 
 

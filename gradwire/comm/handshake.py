@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from gradwire.codec.base import Codec
 from gradwire.comm.errors import ConfigMismatchError, comm_guard
+from gradwire.comm import timeout as timed
 
 
 def _wire_version() -> Any:
@@ -118,19 +119,16 @@ def exchange_with_peer(fingerprint: str, peer: int, group, device: torch.device)
     n_mine = torch.tensor([mine.numel()], dtype=torch.int64, device=device)
     n_peer = torch.empty(1, dtype=torch.int64, device=device)
     gpeer = peer if group is None else dist.get_global_rank(group, peer)
-    with comm_guard(f"config handshake with rank {peer}"):
-        if me < peer:
-            dist.send(n_mine, gpeer, group=group)
-            dist.send(mine, gpeer, group=group)
-            dist.recv(n_peer, gpeer, group=group)
-            theirs = _peer_buffer(int(n_peer.item()), peer, device)
-            dist.recv(theirs, gpeer, group=group)
-        else:
-            dist.recv(n_peer, gpeer, group=group)
-            theirs = _peer_buffer(int(n_peer.item()), peer, device)
-            dist.recv(theirs, gpeer, group=group)
-            dist.send(n_mine, gpeer, group=group)
-            dist.send(mine, gpeer, group=group)
+    what = f"config handshake with rank {peer}"  # every wait at most gradwire.timeout
+    if me < peer:
+        timed.send(n_mine, gpeer, group=group, what=what)
+        timed.send(mine, gpeer, group=group, what=what)
+    timed.recv(n_peer, gpeer, group=group, what=what)
+    theirs = _peer_buffer(int(n_peer.item()), peer, device)
+    timed.recv(theirs, gpeer, group=group, what=what)
+    if me > peer:
+        timed.send(n_mine, gpeer, group=group, what=what)
+        timed.send(mine, gpeer, group=group, what=what)
     return _from_bytes(theirs)
 
 

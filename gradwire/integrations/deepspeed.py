@@ -133,6 +133,10 @@ class GradwirePipelineEngine(_PipelineEngine):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         cfg = self.gradwire_config
+        if cfg.timeout is not None:  # every gradwire wait of this process (comm.timeout)
+            from gradwire.comm.timeout import set_timeout
+
+            set_timeout(cfg.timeout)
         cfg.check_boundaries(self.num_stages)
         check_heterogeneous(cfg, self.num_stages)
         self.wire_log = WireLog()
