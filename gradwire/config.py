@@ -299,8 +299,18 @@ def load_config(path: str) -> tuple[dict[str, Any], GradwireConfig]:
             raw = json.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file {path!r} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config path {path!r} is a directory, not a JSON file") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path!r} cannot be read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: JSON nested too deeply to be a config") from None
+    except ValueError as e:  # e.g. an integer literal beyond Python's 4300-digit conversion limit
+        raise ConfigError(f"{path}: unreadable JSON value: {str(e).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a DeepSpeed config is a JSON object, got {type(raw).__name__}")
     section = raw.pop("gradwire", None)
@@ -323,7 +333,7 @@ def check_topology(world_size: int, num_stages: int, num_layers: int, tensor_par
             f"{divisors}, or launch with a multiple of {per_replica} ranks")
     if num_stages > num_layers:
         raise ConfigError(f"{num_stages} pipeline stages need at least {num_stages} layers; "
-                          f"the model has {num_layers} (raise --layers or lower --stages)")
+                          f"the model has {num_layers} (raise --depth or lower --stages)")
 
 
 def with_codec(cfg: GradwireConfig, codec: CodecSpec) -> GradwireConfig:

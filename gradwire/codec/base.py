@@ -103,6 +103,8 @@ def check_input(x: Any, what: str) -> torch.Tensor:
         raise TypeError(f"{what}.encode accepts float32, bfloat16 or float16 tensors, got {x.dtype}")
     if x.dim() > MAX_NDIM:
         raise ValueError(f"{what}.encode accepts at most {MAX_NDIM} dimensions, got {x.dim()}")
+    if x.is_meta:  # no data to encode: say so, instead of an unrelated error deep in a kernel
+        raise ValueError(f"{what}.encode needs a tensor with data, got a meta tensor of shape {tuple(x.shape)}")
     return x.detach()
 
 

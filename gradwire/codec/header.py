@@ -211,6 +211,8 @@ def _check_packet_tensor(packet: Any) -> None:
         raise PacketError(
             f"packet: expected a 1-D torch.uint8 tensor, found {packet.dtype} of shape {tuple(packet.shape)}"
         )
+    if packet.is_meta:
+        raise PacketError(f"packet: expected bytes, found a meta tensor of {packet.numel()} elements (no data)")
 
 
 def parse_packet(packet: torch.Tensor, expect: Expected | None = None) -> tuple[Header, torch.Tensor]:

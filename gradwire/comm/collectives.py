@@ -84,6 +84,27 @@ def all_gather_bytes(data: torch.Tensor, group=None, *, sizes_known: Sequence[in
     return exchange_packets([data] * p, group, sizes_known=sizes_known, max_sizes=max_sizes)
 
 
+MAX_JSON_BYTES = 64 << 20  # per rank, for all_gather_json: telemetry, not tensors
+
+
+def all_gather_json(obj: Any, group=None, *, device=None, max_bytes: int = MAX_JSON_BYTES) -> list[Any]:
+    """Every rank's JSON-able ``obj``, in rank order: UTF-8 JSON through ``all_gather_bytes``.
+
+    Instead of ``dist.all_gather_object``, which unpickles what peers send (a peer could run code
+    in this process); lengths are bounded by ``max_bytes`` before anything is allocated."""
+    import json
+
+    from gradwire.comm.handshake import default_device
+
+    dev = default_device(group) if device is None else torch.device(device)
+    raw = json.dumps(obj).encode("utf-8")
+    if len(raw) > max_bytes:
+        raise ValueError(f"all_gather_json: {len(raw)} bytes exceed max_bytes={max_bytes}")
+    mine = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(dev) if raw else torch.empty(0, dtype=torch.uint8, device=dev)
+    got = all_gather_bytes(mine, group, max_sizes=[max_bytes] * dist.get_world_size(group))
+    return [json.loads(bytes(t.cpu().numpy()).decode("utf-8")) for t in got]
+
+
 def chunk_bounds(n: int, p: int, align: int = 1) -> list[tuple[int, int]]:
     """Split ``n`` elements into ``p`` contiguous chunks, each a multiple of ``align`` long
     except possibly the last non-empty one (block codecs need whole blocks per chunk)."""
