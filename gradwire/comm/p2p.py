@@ -106,7 +106,9 @@ def recv_packet(src: int, *, out: torch.Tensor | None = None, group=None, tag: i
     if size < 0 or (max_size is not None and size > max_size):
         raise CommError(f"rank {src} announced a packet of {size} bytes; expected 0..{max_size} "
                         f"(codec mismatch or corrupt stream)")
-    buf = torch.empty(size, dtype=torch.uint8, device=device)
+    # zeros: a peer that sends fewer bytes than it announced leaves no uninitialised memory in
+    # the packet (whose bytes may end up in a PacketError message)
+    buf = torch.zeros(size, dtype=torch.uint8, device=device)
     timed.recv(buf, g, group=group, tag=tag, what=f"receive of a {size}-byte packet from rank {src}")
     return buf
 

@@ -96,7 +96,7 @@ for c, p in zip(codecs, packets):
     h, payload = parse_packet(p)
     for trial in range(60):
         shp, params, pl, dt = list(h.shape), bytearray(h.params), payload, h.src_dtype
-        kind = rnd.choice(["shape", "numel", "params", "tail", "payload", "dtype", "counts"])
+        kind = rnd.choice(["shape", "numel", "params", "tail", "payload", "dtype", "counts", "positions"])
         if kind == "shape":
             shp = [rnd.choice(big) for _ in range(rnd.randint(0, 3))]
         elif kind == "numel":
@@ -113,6 +113,10 @@ for c, p in zip(codecs, packets):
         elif kind == "payload":
             cut = rnd.randrange(pl.numel() + 1)
             pl = torch.cat([pl[:cut], torch.randint(0, 256, (rnd.randrange(9),), dtype=torch.uint8)])
+        elif kind == "positions" and pl.numel():
+            pl = pl.clone()  # bytes at the front: bitmap or Rice streams (prune), N:M index metadata
+            for _ in range(rnd.randint(1, 4)):
+                pl[rnd.randrange(min(pl.numel(), 64))] = rnd.randrange(256)
         elif kind == "dtype":
             dt = rnd.choice([torch.bfloat16, torch.float16])
         q = build_packet(h.codec_id, dt, shp, bytes(params), pl, flags=h.flags)
