@@ -30,7 +30,8 @@ Codecs (``name`` and their keys):
 
 * ``none``: gradients cross uncompressed (the baseline).
 * ``bf16``: cast to bfloat16.
-* ``fp``: ``bits`` (3..8, total incl. sign), ``exp_bits`` (optional; default: the split that
+* ``fp``: ``bits`` (3..8, total incl. sign; ``FPCodec`` also takes 2, stochastic ternary, for
+  experiments, not offered for training), ``exp_bits`` (optional; default: the split that
   minimises Eq. 4 of paper 001 for the measured sigma), ``rounding`` ("stochastic" | "nearest").
 * ``prune``: stochastic pruning (paper 001, Eq. 5/8): ``sparsity`` in (0, 1),
   ``heterogeneous`` (bool: per-boundary sparsities from the cosine-similarity allocation with the

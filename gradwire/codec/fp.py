@@ -207,8 +207,9 @@ class FPCodec(Codec):
     """Low-bit FP with a lognormal-chosen power-of-two scale; ``bits`` per element + header.
 
     Args:
-        bits: total bits per element including the sign, 3..8 (as the "gradwire" config: FP2 has
-            no mantissa and one exponent bit, i.e. only 0 and +-1 times the scale).
+        bits: total bits per element including the sign, 2..8. FP2 (one exponent bit, no
+            mantissa) is stochastic ternary, {0, +-1} times the scale: available here for
+            experiments, while the "gradwire" config section offers 3..8 for training.
         exp_bits: fixed exponent bits (1..bits-1); None chooses the split per tensor from its
             lognormal sigma (the split travels in the header, so a receiver configured with
             ``bits`` only accepts any split of that width).
@@ -230,7 +231,7 @@ class FPCodec(Codec):
 
     def __init__(self, bits: int, exp_bits: int | None = None, rounding: str = "stochastic",
                  scale: str = "optimal_capped", split: str = "optimal"):
-        self.bits = check_bits("bits", bits, 3, 8)
+        self.bits = check_bits("bits", bits, 2, 8)
         self.scale = check_scale(scale)
         self.split = check_split(split)
         self.exp_bits = None if exp_bits is None else check_bits("exp_bits", exp_bits, 1, min(7, bits - 1))
