@@ -59,6 +59,9 @@ def parse_args(argv=None):
                    "reports/<config name>")
     p.add_argument("--baseline", default=None, help="report.json of a baseline run to plot beside")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="single-process mode: where the in-process stages run (default auto: cuda "
+                        "when a GPU is visible, else cpu); multi-rank runs use DeepSpeed's device")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per process "
                    "(default 1: the default model is tiny, and more threads only contend)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
@@ -112,27 +115,56 @@ def run_inprocess(args, ds_config, gw, gpt_cfg, tokens):
     from gradwire.ds_config import inprocess_optimizer
 
     stages = args.stages or 2
-    pipe = InProcessPipeline(gpt_layers(gpt_cfg, seed=args.seed), stages, gw, lm_loss)
+    device = torch.device(inprocess_device(args.device))
+    # Built on the CPU (same initial weights on every device), then moved.
+    pipe = InProcessPipeline(gpt_layers(gpt_cfg, seed=args.seed), stages, gw, lm_loss).to(device)
     opt = inprocess_optimizer(ds_config)(pipe.parameters())  # checked in main() already
     micro, gas = batch_sizes(ds_config)
     data = TokenStream(tokens, gpt_cfg.seq_len, micro, seed=args.seed + 1)
     losses, bar = [], progress(args, 0, args.steps)
     t0 = time.perf_counter()
+    ends = []  # wall clock at the end of every step: step times for bench/slow_link.py
     for step in range(args.steps):
         opt.zero_grad(set_to_none=True)
-        loss = sum(pipe.forward_backward(*next(data), step, scale=1.0 / gas) for _ in range(gas)) / gas
+        loss = sum(pipe.forward_backward(*(t.to(device) for t in next(data)), step, scale=1.0 / gas)
+                   for _ in range(gas)) / gas
         clip = ds_config.get("gradient_clipping")
         if clip:
             torch.nn.utils.clip_grad_norm_(pipe.parameters(), clip)
         opt.step()
         losses.append(loss)
+        ends.append(time.perf_counter())
         _tick(bar, loss, pipe.wire_log.step_totals(step), (step + 1) * gas * micro * gpt_cfg.seq_len, t0)
     if bar:
         bar.close()
     return losses, pipe.wire_log.rows, {"stages": stages, "mode": "in-process", "ranks": 1,
+                                        "device": str(device), "step_seconds": _step_seconds(t0, ends),
                                         "sparsity_allocations": pipe.allocations,
                                         "layer_ranges": pipe.ranges,
                                         "codec_impl": sorted({_impl(c) for c in pipe.codecs})}
+
+
+def _net_counter():
+    """(reader, samples) when a link benchmark asks for the link's byte counter at every step
+    end ($GRADWIRE_NET_COUNTER, see gradwire.testing.shaped_link), else None."""
+    from gradwire.testing.shaped_link import tx_bytes_reader
+
+    read = tx_bytes_reader()
+    return None if read is None else (read, [read()])
+
+
+def _step_seconds(t0: float, ends: list[float]) -> list[float]:
+    """Wall-clock seconds of each step, from the start of the loop and each step's end."""
+    return [b - a for a, b in zip([t0] + ends[:-1], ends)]
+
+
+def inprocess_device(choice: str) -> str:
+    """The device of the single-process run: ``auto`` takes the GPU when torch sees one."""
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: torch.cuda.is_available() is False here (no GPU, or a CPU-only torch)")
+    return choice
 
 
 def _impl(codec) -> str:
@@ -213,9 +245,13 @@ def run_deepspeed(args, ds_config, gw, gpt_cfg, tokens, world):
     # Rank 0 is stage 0: it sees boundary 0 from the receiving side (bytes received per step).
     raw_per_step = gas * micro * gpt_cfg.seq_len * gpt_cfg.width * 4  # fp32 hidden-state gradients
     prev = 0
+    ends, net = [], _net_counter()
     for step in range(args.steps):
         loss = float(engine.train_batch(data_iter=data))
         losses.append(loss)
+        ends.append(time.perf_counter())
+        if net:
+            net[1].append(net[0]())
         if bar is not None:
             _tick(bar, loss, (raw_per_step, engine.gradwire_bytes_received - prev),
                   (step + 1) * gas * micro * gpt_cfg.seq_len, t0)
@@ -236,6 +272,8 @@ def run_deepspeed(args, ds_config, gw, gpt_cfg, tokens, world):
     every = all_gather_json(mine)  # JSON, not all_gather_object's pickle from peers
     rows = [r for e in every for r in e["rows"]]
     info = {"stages": stages, "mode": "deepspeed-pipeline", "ranks": dist.get_world_size(),
+            "step_seconds": _step_seconds(t0, ends),  # rank 0's view; every rank takes part in every step
+            "net_tx_bytes": net[1] if net else None,
             "bytes_sent_by_rank": [e["sent"] for e in every],
             "bytes_received_by_rank": [e["received"] for e in every],
             "codec_impl": sorted({i for e in every for i in e["impl"]}),
@@ -331,6 +369,8 @@ def main(argv=None) -> int:
             raise ConfigError(f"--data {args.data!r} is not a file (pass a UTF-8 text file)")
         if args.baseline and not os.path.exists(args.baseline):
             raise ConfigError(f"--baseline {args.baseline!r} does not exist (pass a report.json)")
+        if world == 1:
+            inprocess_device(args.device)  # --device cuda without a GPU: a config error, not a traceback
         from gradwire.models.gpt import GPTConfig
 
         try:

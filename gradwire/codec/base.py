@@ -108,6 +108,17 @@ def check_input(x: Any, what: str) -> torch.Tensor:
     return x.detach()
 
 
+def canonical_nan(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with every NaN replaced by the positive quiet NaN of its dtype.
+
+    A packet must not depend on the device that encoded it, but casts and arithmetic write
+    device-specific NaN bits: torch's CUDA float32 -> bfloat16 cast and its CPU one give different
+    NaN payloads, and CUDA arithmetic returns one canonical NaN where x86 keeps an operand's.
+    Applied wherever a codec sends values it computed or cast (not the caller's own bits).
+    """
+    return t.masked_fill(torch.isnan(t), float("nan"))
+
+
 def decode_dtype(dtype: torch.dtype | None, src: torch.dtype) -> torch.dtype:
     """The dtype ``decode`` returns: ``dtype`` if given (must be floating point), else the source's."""
     if dtype is None:

@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
-from gradwire.codec.base import Codec, check_input, decode_dtype
+from gradwire.codec.base import Codec, canonical_nan, check_input, decode_dtype
 from gradwire.numerics.fp import saturating_cast
 from gradwire.codec.header import (
     Expected,
@@ -45,8 +45,10 @@ class _RawCastCodec(Codec):
 
     def encode(self, x: torch.Tensor, *, seed: int = 0, fit: Any | None = None) -> torch.Tensor:
         x = check_input(x, self.name)
+        wire = self._wire(x.dtype)
         # float32 values near its max round up to inf in bf16: saturate finite values instead
-        w = saturating_cast(x, self._wire(x.dtype)).contiguous().reshape(-1)
+        w = x.contiguous().reshape(-1) if wire == x.dtype else canonical_nan(
+            saturating_cast(x, wire).reshape(-1))
         return build_packet(self.codec_id, x.dtype, x.shape, b"", w.view(torch.uint8))
 
     def decode(self, packet: torch.Tensor, *, dtype: torch.dtype | None = None,
@@ -140,11 +142,13 @@ class _FP8Codec(Codec):
         check_payload_len(h, h.numel, self.name)
         out = decode_dtype(dtype, h.src_dtype)
         q = payload.clone().view(self.fp8_dtype).reshape(h.shape)
+        # Divide by a tensor on q's device: CUDA turns division by a Python scalar into a
+        # multiplication by its reciprocal (1 ulp off the CPU's true division).
         if torch.finfo(self.fp8_dtype).max / scale < 0.5 * torch.finfo(out).max:
-            return (q.float() / scale).to(out)
+            return (q.float() / torch.tensor(scale, dtype=torch.float32, device=q.device)).to(out)
         # near the top of out's range (amax ~ float32 max): divide in float64 and saturate, so a
         # finite code stays finite; the fp8 NaN/inf codes stay non-finite
-        return saturating_cast(q.double() / scale, out)
+        return saturating_cast(q.double() / torch.tensor(scale, dtype=torch.float64, device=q.device), out)
 
     def packed_size(self, shape: Sequence[int], dtype: torch.dtype) -> int:
         dtype_code(dtype)

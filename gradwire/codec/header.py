@@ -51,6 +51,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from gradwire.codec.crc32 import crc32  # payload checksum, computed on the payload's device
+
 MAGIC = b"GWPK"
 FORMAT_VERSION = 1
 MAX_NDIM = 16
@@ -167,13 +169,6 @@ def dtype_code(dtype: torch.dtype) -> int:
         raise TypeError(
             f"gradwire codecs encode float32, bfloat16 or float16 tensors, got {dtype}"
         ) from None
-
-
-def crc32(data: torch.Tensor) -> int:
-    """CRC-32 (zlib polynomial, as ``zlib.crc32``) of a uint8 tensor's bytes."""
-    if data.numel() == 0:
-        return 0
-    return zlib.crc32(data.detach().contiguous().cpu().numpy()) & 0xFFFFFFFF
 
 
 def build_packet(

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import torch
 
-from gradwire.codec.base import Codec, check_input, decode_dtype
+from gradwire.codec.base import Codec, canonical_nan, check_input, decode_dtype
 from gradwire.codec.bitpack import pack_bits, packed_nbytes, unpack_bits
 from gradwire.codec.fp import (
     FORMAT_PARAMS,
@@ -187,7 +187,7 @@ class NMCodec(Codec):
         if self.value_bits is None:
             # MVUE values are block sums: finite ones above x.dtype's range saturate there
             # (numerics.fp.saturating_cast), so a finite gradient arrives finite.
-            val_bytes = saturating_cast(values.reshape(-1), x.dtype).contiguous().view(torch.uint8)
+            val_bytes = canonical_nan(saturating_cast(values.reshape(-1), x.dtype)).contiguous().view(torch.uint8)
             fmt_block = FORMAT_PARAMS.pack(0, 0, 0, 0, 0, 0)
         else:
             fmt, scale_exp = self.choose(values)
