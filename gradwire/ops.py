@@ -202,7 +202,7 @@ def _(seed, index):
 
 # ----------------------------------------------------------------------------- checked API
 def _native() -> None:
-    _build.load_native()  # once per process; never raises
+    _build.load_native(tuple(SCHEMAS))  # once per process; never raises
 
 
 def _check_float(x: torch.Tensor, name: str) -> None:

@@ -30,9 +30,16 @@ import torch  # noqa: E402
 from gradwire.config import ConfigError, check_topology, load_config  # noqa: E402
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Argument errors are one line on stderr and exit 2 (argparse prints the usage first)."""
+
+    def error(self, message):
+        self.exit(2, f"train.py: argument error: {message} (see --help)\n")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _OneLineParser(description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="DeepSpeed JSON with a \"gradwire\" section")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
     p.add_argument("--depth", type=int, default=4, help="decoder blocks (default 4)")
@@ -61,6 +68,8 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     if a.steps < 1:
         p.error("--steps must be >= 1")
+    if a.stages is not None and a.stages < 1:
+        p.error(f"--stages must be >= 1, got {a.stages}")
     return a
 
 
@@ -85,9 +94,9 @@ def build_data(args):
 
 
 def batch_sizes(ds_config):
-    micro = int(ds_config.get("train_micro_batch_size_per_gpu", 8))
-    gas = int(ds_config.get("gradient_accumulation_steps", 1))
-    return micro, gas
+    from gradwire.ds_config import batch_sizes as checked
+
+    return checked(ds_config)  # validated in main() before anything runs
 
 
 def progress(args, rank, total):
@@ -103,16 +112,13 @@ def run_inprocess(args, ds_config, gw, gpt_cfg, tokens):
     from gradwire.models.inprocess import InProcessPipeline
     from gradwire.models.synthetic import TokenStream
 
+    from gradwire.ds_config import inprocess_optimizer
+
     stages = args.stages or 2
     device = torch.device(inprocess_device(args.device))
     # Built on the CPU (same initial weights on every device), then moved.
     pipe = InProcessPipeline(gpt_layers(gpt_cfg, seed=args.seed), stages, gw, lm_loss).to(device)
-    opt_cfg = ds_config.get("optimizer", {"type": "Adam", "params": {"lr": 1e-3}})
-    params = {k: v for k, v in opt_cfg.get("params", {}).items() if k != "torch_adam"}
-    opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}.get(opt_cfg.get("type", "adam").lower())
-    if opt_cls is None:
-        raise ConfigError(f"optimizer type {opt_cfg.get('type')!r}: the single-process mode knows Adam and AdamW")
-    opt = opt_cls(pipe.parameters(), **params)
+    opt = inprocess_optimizer(ds_config)(pipe.parameters())  # checked in main() already
     micro, gas = batch_sizes(ds_config)
     data = TokenStream(tokens, gpt_cfg.seq_len, micro, seed=args.seed + 1)
     losses, bar = [], progress(args, 0, args.steps)
@@ -261,8 +267,9 @@ def run_deepspeed(args, ds_config, gw, gpt_cfg, tokens, world):
             "checksum": float(sum(p.detach().double().sum() for p in engine.module.parameters()))}
     if tp_group is not None:
         mine["tp"] = _tp_telemetry(engine, tp_group)
-    every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, mine)
+    from gradwire.comm.collectives import all_gather_json
+
+    every = all_gather_json(mine)  # JSON, not all_gather_object's pickle from peers
     rows = [r for e in every for r in e["rows"]]
     info = {"stages": stages, "mode": "deepspeed-pipeline", "ranks": dist.get_world_size(),
             "step_seconds": _step_seconds(t0, ends),  # rank 0's view; every rank takes part in every step
@@ -318,7 +325,22 @@ def _section(gw):
          "data_parallel": gw.data_parallel.to_dict() if gw.data_parallel else None,
          "codec": gw.codec.to_dict(), "boundaries": {str(b): s.to_dict() for b, s in gw.boundaries},
          "tensor_parallel": gw.tensor_parallel.to_dict()}
+    if gw.timeout is not None:
+        d["timeout"] = gw.timeout
     return d
+
+
+def _check_deepspeed_part(path, ds_config, world) -> None:
+    """The DeepSpeed keys (gradwire.ds_config): typos, batch settings, and with one process what
+    the in-process stages cannot honour. Unknown keys that are no typo are reported, not fatal."""
+    from gradwire.ds_config import check_deepspeed, inprocess_optimizer, unknown_keys
+
+    ignored = unknown_keys(ds_config)
+    if ignored:
+        print(f"train.py: warning: {path}: DeepSpeed ignores unknown top-level keys {ignored}", file=sys.stderr)
+    check_deepspeed(ds_config, world)
+    if world == 1:
+        inprocess_optimizer(ds_config)
 
 
 def main(argv=None) -> int:
@@ -327,6 +349,7 @@ def main(argv=None) -> int:
     # Everything that can be wrong is checked before any process group or model exists.
     try:
         ds_config, gw = load_config(args.config)
+        _check_deepspeed_part(args.config, ds_config, world)
         depth_layers = args.depth + 2
         tp = args.tp if args.tp is not None else gw.tensor_parallel.size
         if tp < 1:
@@ -373,6 +396,11 @@ def main(argv=None) -> int:
             codec_from_spec(gw.data_parallel)
         if tp > 1:
             codec_from_spec(_tp_codec(gw))
+        try:  # the embedded language or the text file: bad --vocab/--order/--data fail here
+            data = build_data(args)
+        except (ValueError, OSError) as e:
+            what = f"--data {args.data!r}" if args.data else "--vocab/--order"
+            raise ConfigError(f"{what}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         if tp > 1 and world // (stages * tp) > 1 and gw.data_parallel is not None and gw.data_parallel.name == "fp":
             # Measured: with an fp codec the TP ranks' replicated weights drift apart (see docs).
             raise ConfigError("gradwire.data_parallel: an 'fp' codec chooses its scale per packet, and "
@@ -385,7 +413,7 @@ def main(argv=None) -> int:
         return 2
     args.stages, args.tp = stages, tp
     torch.set_num_threads(max(1, args.threads))
-    tokens, vocab, floor, data_name = build_data(args)
+    tokens, vocab, floor, data_name = data
     gpt_cfg = GPTConfig(vocab=vocab, width=args.width, depth=args.depth, heads=args.heads, seq_len=args.seq_len)
     t0 = time.perf_counter()
     rank = 0
@@ -394,8 +422,12 @@ def main(argv=None) -> int:
 
         # Under mpirun DeepSpeed's MPI discovery sets MASTER_PORT from distributed_port; honour
         # a MASTER_PORT the user exported (default 29500, DeepSpeed's own).
+        import datetime
+
+        # gradwire.timeout also bounds DeepSpeed's own waits (else its 10 min / $DEEPSPEED_TIMEOUT)
+        kw = {} if gw.timeout is None else {"timeout": datetime.timedelta(seconds=gw.timeout)}
         deepspeed.init_distributed(dist_backend=None if torch.cuda.is_available() else "gloo",
-                                   distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
+                                   distributed_port=int(os.environ.get("MASTER_PORT", 29500)), **kw)
         losses, rows, info, rank = run_deepspeed(args, ds_config, gw, gpt_cfg, tokens, world)
     else:
         losses, rows, info = run_inprocess(args, ds_config, gw, gpt_cfg, tokens)

@@ -47,10 +47,13 @@ from gradwire.codec.fp import (
     choose_format,
     finite_amax,
     pack_format,
+    saturate_decoded,
     unpack_format,
     usable_fit,
 )
+from gradwire.numerics.fp import saturating_cast
 from gradwire.codec.header import (
+    Expected,
     PacketError,
     build_packet,
     check_codec_id,
@@ -85,6 +88,21 @@ def _index_scheme(n: int, m: int) -> tuple[int, torch.Tensor | None, torch.Tenso
     for r, c in enumerate(combos):
         rank_of_mask[sum(1 << i for i in c)] = r
     return max(1, math.ceil(math.log2(count))), rank_of_mask, torch.tensor(combos, dtype=torch.int64)
+
+
+def _saturate_block_sums(values: torch.Tensor, x: torch.Tensor, dim: int, m: int) -> torch.Tensor:
+    """MVUE keeps block sums (|a| + |b|, computed in float32), which overflow to inf for finite
+    float32/bf16 inputs near float32's max. A block whose inputs are all finite must send finite
+    values: those infs saturate to +-float32 max (the bias sits only at that edge). Blocks with a
+    non-finite input keep theirs (non-finite data, architecture.md). One ``any()`` pass over the
+    values; the block test runs only when an inf is there."""
+    inf = torch.isinf(values)
+    if not bool(inf.any()):
+        return values
+    xm = x.movedim(dim, -1)
+    finite_block = torch.isfinite(xm).reshape(*xm.shape[:-1], xm.shape[-1] // m, m).all(-1)
+    big = torch.finfo(torch.float32).max
+    return torch.where(inf & finite_block.unsqueeze(-1), values.sign() * big, values)
 
 
 class NMCodec(Codec):
@@ -171,6 +189,7 @@ class NMCodec(Codec):
                 raise ValueError(f"N:M blocks of M={self.m} need x.shape[{self.dim}] divisible by {self.m}, "
                                  f"got shape {tuple(x.shape)} (dim=None blocks the flattened tensor)")
         values, indices = self.select(x, seed)
+        values = _saturate_block_sums(values, x, dim, self.m)
         idx_bits, rank_of_mask, _ = _index_scheme(self.n, self.m)
         flat_idx = indices.reshape(-1, self.n).to(torch.int64)
         if rank_of_mask is not None:
@@ -180,7 +199,9 @@ class NMCodec(Codec):
         else:
             meta_bytes = pack_bits(flat_idx.to(torch.uint8).reshape(-1), idx_bits // self.n)
         if self.value_bits is None:
-            val_bytes = canonical_nan(values.reshape(-1).to(x.dtype)).contiguous().view(torch.uint8)
+            # MVUE values are block sums: finite ones above x.dtype's range saturate there
+            # (numerics.fp.saturating_cast), so a finite gradient arrives finite.
+            val_bytes = canonical_nan(saturating_cast(values.reshape(-1), x.dtype)).contiguous().view(torch.uint8)
             fmt_block = FORMAT_PARAMS.pack(0, 0, 0, 0, 0, 0)
         else:
             fmt, scale_exp = self.choose(values)
@@ -204,11 +225,12 @@ class NMCodec(Codec):
                 else blocks * self.n * dtype.itemsize)
         return [(blocks * idx_bits + 7) // 8, vals]  # metadata, values
 
-    def decode(self, packet: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def decode(self, packet: torch.Tensor, *, dtype: torch.dtype | None = None,
+               expect: Expected | None = None) -> torch.Tensor:
         from gradwire import ops
         from gradwire.numerics.nm import scatter_blocks
 
-        h, payload = parse_packet(packet)
+        h, payload = parse_packet(packet, expect)
         check_codec_id(h, self.codec_id, self.name)
         n, m, mcode, dim, has_fmt, *fmt_fields = unpack_params(h, NM_PARAMS, self.name)
         if mcode >= len(METHODS):
@@ -253,13 +275,18 @@ class NMCodec(Codec):
                 if blocks and (int(indices.max()) >= m or bool((indices.diff(dim=1) <= 0).any())):
                     raise ValueError("block indices must be ascending and < m")
             if fmt is not None:
-                values = ops.fp_decode(vals, blocks * n, fmt, scale_exp=scale_exp, dtype=torch.float32)
+                values = saturate_decoded(ops.fp_decode(vals, blocks * n, fmt, scale_exp=scale_exp,
+                                                        dtype=torch.float32), fmt, scale_exp)
             else:
                 values = vals.clone().view(h.src_dtype).float()
         except (ValueError, RuntimeError) as e:
             if isinstance(e, RuntimeError) and "padding" not in str(e):
                 raise
             raise PacketError(f"nm payload: {e}") from None
+        top = fmt.max_value * 2.0 ** -scale_exp if fmt is not None else torch.finfo(h.src_dtype).max
+        if top > torch.finfo(out).max:  # scatter_blocks casts to out: saturate finite values first
+            values = torch.where(torch.isfinite(values), values.clamp(-torch.finfo(out).max, torch.finfo(out).max),
+                                 values)
         if flat:
             dense = scatter_blocks(values.reshape(blocks, n), indices.to(torch.uint8).reshape(blocks, n), m,
                                    (blocks * m,), 0, out)

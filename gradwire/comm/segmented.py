@@ -27,8 +27,9 @@ import torch
 import torch.distributed as dist
 
 from gradwire.codec.base import Codec
-from gradwire.comm.collectives import _check_input, _decode_sum, _encode, _ensure_checked, chunk_bounds
+from gradwire.comm.collectives import _check_input, _decode, _decode_sum, _encode, _ensure_checked, chunk_bounds
 from gradwire.comm.errors import CommError, comm_guard
+from gradwire.comm.timeout import wait_all
 from gradwire.numerics.rng import derive_seed
 
 
@@ -45,6 +46,10 @@ def _packed(codec: Codec, n: int, dtype: torch.dtype, align: int) -> int:
     return 0 if n == 0 else codec.packed_size((_padded(n, align),), dtype)
 
 
+def _max_packed(codec: Codec, n: int, dtype: torch.dtype, align: int) -> int:
+    return 0 if n == 0 else codec.max_packed_size((_padded(n, align),), dtype)
+
+
 def _encode_chunk(codec: Codec, x: torch.Tensor, seed: int, align: int) -> torch.Tensor:
     """Encode a 1-D chunk, zero-padded to a multiple of ``align`` (zeros add nothing to sums)."""
     if x.numel() % align:
@@ -53,9 +58,10 @@ def _encode_chunk(codec: Codec, x: torch.Tensor, seed: int, align: int) -> torch
 
 
 def _exchange(send: list[list[torch.Tensor]], recv_sizes: list[list[int]] | None, group, device,
-              what: str, async_op: bool = False):
+              what: str, async_op: bool = False, max_sizes: list[list[int]] | None = None):
     """all_to_all of several packets per destination: ``send[j]`` is the list of packets for rank
-    j. ``recv_sizes[j]``: the sizes rank j sends us (None: exchanged first, one int64 each).
+    j. ``recv_sizes[j]``: the sizes rank j sends us (None: exchanged first, one int64 each, and
+    each checked against ``max_sizes[j]`` before the receive buffer exists).
     Returns (list per source of its packets, or a future of that list when ``async_op``)."""
     p = len(send)
     if recv_sizes is None:
@@ -63,11 +69,16 @@ def _exchange(send: list[list[torch.Tensor]], recv_sizes: list[list[int]] | None
         s_in = torch.tensor([t.numel() for pk in send for t in pk], dtype=torch.int64, device=device)
         s_out = torch.empty(p * k, dtype=torch.int64, device=device)
         with comm_guard(f"all_to_all of packet sizes ({what})"):
-            dist.all_to_all_single(s_out, s_in, group=group)
+            work = dist.all_to_all_single(s_out, s_in, group=group, async_op=True)
+        wait_all([work], f"all_to_all of packet sizes ({what})")  # at most gradwire.timeout
         flat_sizes = [int(v) for v in s_out.tolist()]
-        if any(v < 0 for v in flat_sizes):
-            raise CommError(f"a rank announced a negative packet size ({what})")
         recv_sizes = [flat_sizes[j * k:(j + 1) * k] for j in range(p)]
+        for j, sizes in enumerate(recv_sizes):
+            for seg, v in enumerate(sizes):
+                top = max_sizes[j][seg] if max_sizes is not None else None
+                if v < 0 or (top is not None and v > top):
+                    raise CommError(f"rank {j} announced a {v}-byte packet for segment {seg} ({what}); "
+                                    f"expected 0..{top} (codec mismatch or corrupt stream)")
     out = torch.empty(sum(map(sum, recv_sizes)), dtype=torch.uint8, device=device)
     parts = [t.reshape(-1) for pk in send for t in pk]
     inp = torch.cat(parts) if parts else out[:0]
@@ -79,8 +90,9 @@ def _exchange(send: list[list[torch.Tensor]], recv_sizes: list[list[int]] | None
 
     with comm_guard(f"all_to_all of packets ({what}, {sum(in_split)} bytes out)"):
         work = dist.all_to_all_single(out, inp, output_split_sizes=out_split, input_split_sizes=in_split,
-                                      group=group, async_op=async_op)
+                                      group=group, async_op=True)
     if not async_op:
+        wait_all([work], f"all_to_all of packets ({what})")
         return split(out), sum(in_split)
     # _keep: the send buffer must stay alive until the asynchronous collective has read it
     def done(f: torch.futures.Future, _keep: torch.Tensor = inp) -> list[list[torch.Tensor]]:
@@ -123,14 +135,17 @@ def segmented_all_reduce(flat: torch.Tensor, segments: Sequence[tuple[int, int]]
     fixed = codec.fixed_rate
     mine = [bd[me][1] - bd[me][0] for bd in bounds]
     sizes1 = [[_packed(codec, n, dtype, align) for n in mine]] * p if fixed else None
-    got1, sent1 = _exchange(send1, sizes1, group, dev, "phase 1")
+    max1 = None if fixed else [[_max_packed(codec, n, dtype, align) for n in mine]] * p
+    got1, sent1 = _exchange(send1, sizes1, group, dev, "phase 1", max_sizes=max1)
     pk2 = []
     for k, ((a, _), bd, s) in enumerate(zip(segments, bounds, seeds)):
-        part = _decode_sum(codec, [got1[r][k] for r in range(p)], (_padded(mine[k], align),), dev)
+        part = _decode_sum(codec, [got1[r][k] for r in range(p)], (_padded(mine[k], align),), dev, dtype)
         pk2.append(_encode_chunk(codec, part[:mine[k]].to(dtype), derive_seed(s, 2, me), align))
     sizes2 = ([[_packed(codec, bd[j][1] - bd[j][0], dtype, align) for bd in bounds] for j in range(p)]
               if fixed else None)
-    fut, sent2 = _exchange([pk2] * p, sizes2, group, dev, "phase 2", async_op=True)
+    max2 = None if fixed else [[_max_packed(codec, bd[j][1] - bd[j][0], dtype, align) for bd in bounds]
+                               for j in range(p)]
+    fut, sent2 = _exchange([pk2] * p, sizes2, group, dev, "phase 2", async_op=True, max_sizes=max2)
     sent_me = sum(t.numel() for t in send1[me]) + sum(t.numel() for t in pk2)
     size_msgs = 0 if fixed else 2 * 8 * (p - 1) * len(segments)
 
@@ -141,7 +156,8 @@ def segmented_all_reduce(flat: torch.Tensor, segments: Sequence[tuple[int, int]]
                 pk = got2[j][k]
                 if b1 == b0:
                     continue
-                dec = codec.decode(pk, dtype=dtype)
+                # header checked against the chunk's shape and dtype before the decode allocates
+                dec = _decode(codec, pk, (_padded(b1 - b0, align),), dtype, dtype)
                 if dec.numel() != _padded(b1 - b0, align):
                     raise CommError(f"rank {j} sent {dec.numel()} elements for chunk {j} of segment "
                                     f"{k}, expected {_padded(b1 - b0, align)}")

@@ -40,6 +40,7 @@ import torch.distributed as dist
 from torch.distributed.pipelining import PipelineStage
 
 from gradwire.codec.base import Codec
+from gradwire.codec.header import Expected
 from gradwire.codec.registry import as_codec
 from gradwire.comm.errors import ConfigMismatchError, comm_guard
 from gradwire.comm.handshake import codec_fingerprint
@@ -225,7 +226,8 @@ class CompressedPipelineStage(PipelineStage):
         n = self._n_recv.get(bwd_chunk_id, 0)
         self._n_recv[bwd_chunk_id] = n + 1
         for buf, pk in self._pending.pop(bwd_chunk_id, []):
-            dec = self.codec.decode(pk, dtype=buf.dtype)
+            # checked against the buffer's shape/dtype before the decode allocates (header.Expected)
+            dec = self.codec.decode(pk, dtype=buf.dtype, expect=Expected(tuple(buf.shape), buf.dtype))
             if dec.shape != buf.shape:
                 raise ValueError(f"stage {self.stage_index}: received a gradient of shape "
                                  f"{tuple(dec.shape)}, expected {tuple(buf.shape)}")
