@@ -151,6 +151,7 @@ def run_one(job: str, variant: str, rate: str, *, namespace: bool = True, timeou
         with open(os.path.join(out, "report.json")) as f:
             rep = json.load(f)
     row = {"job": job, "variant": variant, "rate": rate, "namespace": namespace, "steps": steps,
+           "load_average_after": [round(x, 2) for x in os.getloadavg()],
            **summarize_run(rep, probe, drops, wall)}
     os.makedirs(RUNS, exist_ok=True)
     with open(path, "w") as f:
@@ -251,6 +252,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rates", default=",".join(RATES), help="Mbit/s values among " + ",".join(RATES))
     ap.add_argument("--variants", default=None, help="comma list (default: all for each job)")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--note", default=None, help="a sentence for the report (e.g. the machine's state)")
     args = ap.parse_args(argv)
     # SIGTERM -> SystemExit, so the namespace context managers remove their namespaces.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -295,6 +297,8 @@ def main(argv=None) -> int:
             f"{ns['step_median_s']:.3f} s / {plain['step_median_s']:.3f} s = {ns['step_median_s'] / plain['step_median_s']:.3f}")
     harness["runs with tbf drops"] = sum(1 for r in rows if r["tbf_drops"])
     harness["load average at report time"] = [round(x, 2) for x in os.getloadavg()]
+    if args.note:
+        harness["note"] = args.note
     write_report(rows, harness)
     print("wrote", os.path.join(RESULTS, "slow_link.md"))
     return 0
