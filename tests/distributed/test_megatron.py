@@ -388,3 +388,33 @@ def test_megatron_sequence_parallel_reduce_scatter_on_cpu():
         # (equal_decode above), which dropped about half of each partial
         assert v["prune"]["counters"]["bytes_sent"] < v["identity"]["counters"]["bytes_sent"]
         assert not torch.equal(v["prune"]["got"][0], ref[0])
+
+
+def test_sequence_parallel_backward_that_differs_from_0_16_is_refused():
+    """The swap is checked: a backward that never calls the reduce-scatter (Megatron's empty
+    buffer would come back as the gradient) or calls it with another group raises, and the
+    module global is restored either way. In-process, no collective is reached."""
+    from megatron.core.tensor_parallel import layers
+
+    original = layers.dist_reduce_scatter_func
+    state = gw_mc.TPCompression(build_codec({"name": "identity"}), 0, False)
+    ctx = types.SimpleNamespace(tp_group=object())
+
+    class NoReduceScatter:
+        @staticmethod
+        def backward(ctx, g):
+            return (g, None)
+
+    class OtherGroup:
+        @staticmethod
+        def backward(ctx, g):
+            layers.dist_reduce_scatter_func(g[:1], g, group=object(), async_op=True)
+            return (g, None)
+
+    with pytest.raises(RuntimeError, match="made 0 reduce-scatter calls"):
+        gw_mc._backward_compressed_reduce_scatter(NoReduceScatter, state, ctx, torch.ones(2, 3))
+    assert layers.dist_reduce_scatter_func is original
+    with pytest.raises(RuntimeError, match="unexpected reduce-scatter"):
+        gw_mc._backward_compressed_reduce_scatter(OtherGroup, state, ctx, torch.ones(2, 3))
+    assert layers.dist_reduce_scatter_func is original
+    assert state.counters["reduce_scatters"] == 0
