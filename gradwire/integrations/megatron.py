@@ -1,5 +1,5 @@
 """Megatron-Core (0.16.x; ``pip install gradwire[megatron]``): compressed tensor-parallel backward
-all-reduce and compressed pipeline-parallel gradient p2p.
+all-reduce (reduce-scatter under sequence parallelism) and compressed pipeline-parallel gradient p2p.
 
 Tensor parallelism: ``compress_tensor_parallel(codec)`` (one call; ``.disable()`` undoes it).
 ``ColumnParallelLinear``'s input-gradient all-reduce is a direct ``torch.distributed.all_reduce``
@@ -9,9 +9,25 @@ async_allreduce`` looks up by module global at every call, for a subclass whose 
 Megatron's own with the all-reduce switched off and then all-reduces the input gradient through
 gradwire's two-phase compressed all-reduce (``comm.compressed_all_reduce``: every TP rank
 decodes the same packets, so the replicated input gradient stays bit-identical across the group).
-Version-checked: other Megatron-Core versions are refused. Under sequence parallelism Megatron
-reduce-scatters instead, on ``torch.cuda.current_device()``; that path is left to Megatron
-(counted in ``counters["uncompressed_reduce_scatter"]``), as is the frozen-weight variant.
+Version-checked: other Megatron-Core versions are refused.
+
+Sequence parallelism (``config.sequence_parallel=True``): Megatron's backward reduce-scatters the
+input gradient along dim 0 instead (``dist_reduce_scatter_func(sub_grad_input, grad_input)``
+into a buffer it allocates on ``torch.cuda.current_device()``). The same subclass runs Megatron's
+backward with ``layers.dist_reduce_scatter_func`` swapped, for that one call only, for a function
+that writes gradwire's one-phase compressed reduce-scatter (``comm.compressed_reduce_scatter``:
+rank j decodes the p packets of slice j and sums them in float32, in rank order) into Megatron's
+buffer and returns a completed handle; everything else (the input all-gather for the weight
+gradient, the weight and bias gradients, the buffer) stays Megatron's. Megatron's reduce-scatter
+overlaps the weight-gradient GEMM; the compressed one finishes before it starts. Counters:
+``reduce_scatters`` (seeds ``derive_seed(base_seed, 1, n)``, apart from the all-reduces'),
+``bytes_sent`` / ``raw_bytes`` shared with the all-reduces. The identity codec matches
+Megatron's reduce-scatter bit for bit on 2 ranks (a + b in either order); on more ranks the
+float32 rank-ordered sum may differ from NCCL's ring order in the last bit. Megatron's
+sequence-parallel layers allocate on ``torch.cuda.current_device()`` (this buffer, the
+all-gather buffer, ``mappings.py``), so as shipped the path needs a GPU; the CPU tests map those
+calls with a test-only shim. The frozen-weight variant (``LinearWithFrozenWeight``) is left to
+Megatron.
 
 Pipeline parallelism: ``CompressedP2PCommunicator(pp_group, config, codec=...)``, passed as
 ``p2p_communicator=`` to Megatron's schedules: its ``_communicate`` sends each backward gradient
@@ -32,7 +48,7 @@ import torch
 
 from gradwire.codec.base import Codec
 from gradwire.codec.registry import as_codec
-from gradwire.comm.collectives import compressed_all_reduce
+from gradwire.comm.collectives import compressed_all_reduce, compressed_reduce_scatter
 from gradwire.comm.handshake import check_group, default_device
 from gradwire.numerics.rng import check_seed, derive_seed
 
@@ -56,27 +72,42 @@ def _megatron():
 class TPCompression:
     """The active tensor-parallel compression (returned by ``compress_tensor_parallel``).
 
-    ``counters``: ``all_reduces``, ``bytes_sent``, ``raw_bytes`` (what a ring all-reduce of the
-    uncompressed gradients sends per rank) and ``uncompressed_reduce_scatter``. ``last_trace``:
-    the trace of the last compressed all-reduce when ``keep_trace``.
+    ``counters``: ``all_reduces`` and ``reduce_scatters`` (sequence parallelism) compressed,
+    ``bytes_sent`` and ``raw_bytes`` over both (``raw_bytes``: what a ring all-reduce /
+    reduce-scatter of the uncompressed gradients sends per rank). ``last_trace``: the trace of the
+    last compressed collective when ``keep_trace`` (``phase1_recv``/``phase2_recv`` for an
+    all-reduce, ``recv`` for a reduce-scatter; ``"op"`` says which).
     """
 
     def __init__(self, codec: Codec, base_seed: int, keep_trace: bool):
         self.codec, self.base_seed, self.keep_trace = codec, base_seed, keep_trace
-        self.counters = {"all_reduces": 0, "bytes_sent": 0, "raw_bytes": 0, "uncompressed_reduce_scatter": 0}
+        self.counters = {"all_reduces": 0, "reduce_scatters": 0, "bytes_sent": 0, "raw_bytes": 0}
         self.last_trace: dict | None = None
         self._original: Any = None
+
+    def _account(self, op: str, trace: dict) -> None:
+        self.counters[op] += 1
+        self.counters["bytes_sent"] += trace["bytes_sent"]
+        self.counters["raw_bytes"] += trace["raw_bytes"]
+        if self.keep_trace:
+            trace["op"] = op
+            self.last_trace = trace
 
     def all_reduce(self, grad: torch.Tensor, group) -> torch.Tensor:
         # the n-th all-reduce of the run: the same n on every rank of the TP group
         seed = derive_seed(self.base_seed, self.counters["all_reduces"])
         trace: dict = {}
         out = compressed_all_reduce(grad, self.codec, group=group, seed=seed, trace=trace)
-        self.counters["all_reduces"] += 1
-        self.counters["bytes_sent"] += trace["bytes_sent"]
-        self.counters["raw_bytes"] += trace["raw_bytes"]
-        if self.keep_trace:
-            self.last_trace = trace
+        self._account("all_reduces", trace)
+        return out
+
+    def reduce_scatter(self, grad: torch.Tensor, group) -> torch.Tensor:
+        # the n-th reduce-scatter: same n on every TP rank; the extra counter 1 keeps its seeds
+        # apart from the n-th all-reduce's (derive_seed(base, n)) when a run has both
+        seed = derive_seed(self.base_seed, 1, self.counters["reduce_scatters"])
+        trace: dict = {}
+        out = compressed_reduce_scatter(grad, self.codec, group=group, seed=seed, trace=trace)
+        self._account("reduce_scatters", trace)
         return out
 
     def disable(self) -> None:
@@ -102,9 +133,11 @@ def _compressed_function(base: type) -> type:
         @staticmethod
         def backward(ctx, grad_output):
             state = _ACTIVE
-            if state is None or not ctx.allreduce_dgrad:
-                if state is not None and ctx.sequence_parallel:
-                    state.counters["uncompressed_reduce_scatter"] += 1
+            if state is None:
+                return base.backward(ctx, grad_output)
+            if ctx.sequence_parallel:  # Megatron asserts allreduce_dgrad is off here
+                return _backward_compressed_reduce_scatter(base, state, ctx, grad_output)
+            if not ctx.allreduce_dgrad:  # TP size 1 or disable_grad_reduce: nothing to compress
                 return base.backward(ctx, grad_output)
             ctx.allreduce_dgrad = False  # Megatron computes every gradient but all-reduces nothing
             try:
@@ -116,10 +149,57 @@ def _compressed_function(base: type) -> type:
     return CompressedLinearWithGradAccumulation
 
 
+class _DoneHandle:
+    """What Megatron's backward ``wait()``s on after the reduce-scatter: already complete."""
+
+    def wait(self) -> None:
+        return None
+
+    def is_completed(self) -> bool:
+        return True
+
+
+def _backward_compressed_reduce_scatter(base: type, state: TPCompression, ctx, grad_output):
+    """Megatron's own sequence-parallel backward with its reduce-scatter compressed.
+
+    In 0.16 the backward's only ``dist_reduce_scatter_func`` call is the input-gradient
+    reduce-scatter (module doc), a module global it looks up at call time. Swapping that global
+    for the duration of this one call reaches exactly that call and keeps the rest of Megatron's
+    backward (the all-gather of the input for the weight gradient, gradient-accumulation fusion,
+    wgrad deferral) as it is; re-implementing the backward would fork it."""
+    from megatron.core.tensor_parallel import layers
+
+    megatron_rs = layers.dist_reduce_scatter_func
+    if getattr(megatron_rs, "_gradwire", False):  # a nested/concurrent backward: not expected
+        raise RuntimeError("gradwire: Megatron's reduce-scatter is already swapped (re-entrant backward?)")
+    calls = []
+
+    def compressed(output, input_, group=None, async_op=False):
+        if group is not ctx.tp_group or output.shape[0] * group.size() != input_.shape[0]:
+            raise RuntimeError(f"gradwire: unexpected reduce-scatter in Megatron's backward "
+                               f"(output {tuple(output.shape)}, input {tuple(input_.shape)}); "
+                               f"this Megatron-Core version's backward differs from 0.16's")
+        output.copy_(state.reduce_scatter(input_, group))
+        calls.append(1)
+        return _DoneHandle() if async_op else None
+
+    compressed._gradwire = True
+    layers.dist_reduce_scatter_func = compressed
+    try:
+        grads = base.backward(ctx, grad_output)
+    finally:
+        layers.dist_reduce_scatter_func = megatron_rs
+    if len(calls) != 1:  # 0: Megatron's own collective ran uncompressed (or none did); 2+: unknown code
+        raise RuntimeError(f"gradwire: Megatron's sequence-parallel backward made {len(calls)} "
+                           "reduce-scatter calls, expected 1 (a backward that differs from 0.16's)")
+    return grads
+
+
 def compress_tensor_parallel(codec: Codec | Mapping[str, Any], *, base_seed: int = 0,
                              keep_trace: bool = False) -> TPCompression:
-    """Compress the input-gradient all-reduce of every Megatron ``ColumnParallelLinear`` (and
-    every other user of ``linear_with_grad_accumulation_and_async_allreduce``) from now on."""
+    """Compress the input-gradient all-reduce, or under sequence parallelism reduce-scatter, of
+    every Megatron ``ColumnParallelLinear`` (and every other user of
+    ``linear_with_grad_accumulation_and_async_allreduce``) from now on."""
     global _ACTIVE
     _megatron()
     from megatron.core.tensor_parallel import layers

@@ -17,9 +17,15 @@ shim (``_cpu_torch``, applied in the worker processes only) maps to the CPU:
 ``forward_backward_pipelining_without_interleaving``) and ``p2p_communication.py``
 ``torch.cuda.current_device()`` (Megatron's own communicator's receive buffers; gradwire's
 communicator allocates on the group's device itself) and its ``torch.cuda.synchronize()`` after
-batched p2p (``batch_p2p_sync``; gradwire's calls it only when CUDA is available). Not run here: the interleaved schedule and
-sequence parallelism (Megatron allocates its reduce-scatter output on
-``torch.cuda.current_device()``), which need a GPU.
+batched p2p (``batch_p2p_sync``; gradwire's calls it only when CUDA is available).
+Sequence parallelism (``test_megatron_sequence_parallel_reduce_scatter_on_cpu``): Megatron's
+layers with ``sequence_parallel=True``, whose column layer reduce-scatters the input gradient;
+with ``compress_tensor_parallel`` that is gradwire's compressed reduce-scatter (identity:
+bit-identical to Megatron's own gloo reduce-scatter; bf16 / fp8_e4m3: within the codec's bound
+of the exact sum; every codec, prune included: exactly the rank-ordered sum of the decoded
+packets), with the same shim mapping ``torch.cuda.current_device()`` to the CPU in
+``layers.py``, ``mappings.py`` and ``megatron.core.utils`` (listed in ``_sp_worker``).
+Not run here: the interleaved schedule, which needs a GPU.
 """
 from __future__ import annotations
 
@@ -253,3 +259,162 @@ def test_megatron_tensor_and_pipeline_parallel_on_cpu():
     assert "fixed-rate" in vals[0]["variable_refused"]
     assert "0.17.0" in vals[0]["version_refused"]
 
+
+
+# ------------------------------------------------------------------ sequence parallelism (TP)
+SP_SEQ = 8  # full sequence; each of the 2 ranks holds SP_SEQ // 2 rows of it
+SP_CODECS = {"identity": {"name": "identity"}, "bf16": {"name": "bf16"}, "fp8_e4m3": {"name": "fp8_e4m3"},
+             "prune": {"name": "prune", "sparsity": 0.5}}  # the last one variable-size
+
+
+def _sp_step(world, rank, dtype=torch.float32):
+    """Megatron's ColumnParallelLinear -> tanh -> RowParallelLinear with sequence_parallel=True:
+    the column layer all-gathers the sequence in forward and reduce-scatters the input gradient
+    in backward (LinearWithGradAccumulationAndAsyncCommunication); the row layer reduce-scatters
+    its output in forward (mappings)."""
+    from megatron.core.model_parallel_config import ModelParallelConfig
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    cfg = ModelParallelConfig(tensor_model_parallel_size=world, sequence_parallel=True,
+                              use_cpu_initialization=True, params_dtype=dtype)
+    torch.manual_seed(0)
+    col = ColumnParallelLinear(8, 16, config=cfg, init_method=torch.nn.init.xavier_normal_, bias=True,
+                               gather_output=False, tp_group=dist.group.WORLD)
+    row = RowParallelLinear(16, 8, config=cfg, init_method=torch.nn.init.xavier_normal_, bias=True,
+                            input_is_parallel=True, skip_bias_add=False, tp_group=dist.group.WORLD)
+    assert col.sequence_parallel and not col.allreduce_dgrad  # Megatron's reduce-scatter path
+    full = torch.randn(SP_SEQ, SHAPE[1], SHAPE[2], generator=torch.Generator().manual_seed(1)).to(dtype)
+    k = SP_SEQ // world
+    x = full[rank * k:(rank + 1) * k].clone().requires_grad_(True)
+    h, _ = col(x)  # (SP_SEQ, batch, 16 / world): the gathered sequence
+    h.retain_grad()
+    y, _ = row(torch.tanh(h))  # (k, batch, 8): reduce-scattered
+    (y ** 2).sum().backward()
+    partial = h.grad @ col.weight.detach()  # this rank's full-sequence input gradient before the reduce-scatter
+    return x.grad, col.weight.grad, col.bias.grad, row.weight.grad, partial
+
+
+def _sp_worker(rank, world):
+    from megatron.core import utils as mc_utils
+    from megatron.core.tensor_parallel import layers, mappings
+
+    # Test-only shim (worker processes only): Megatron's sequence-parallel path allocates on
+    # torch.cuda.current_device() in exactly these places, which _cpu_torch maps to "cpu":
+    # layers.py LinearWithGradAccumulationAndAsyncCommunication.backward's sub_grad_input (the
+    # reduce-scatter output), utils.py GlobalMemoryBuffer.get_tensor (the all-gather buffer of
+    # the column layer's forward and backward), mappings.py _gather_along_first_dim /
+    # _reduce_scatter_along_first_dim (the row layer's forward reduce-scatter and its backward
+    # all-gather). Everything else, the collectives included, is Megatron's and gloo's own.
+    layers.torch = mappings.torch = mc_utils.torch = _cpu_torch()
+    from megatron.core import parallel_state
+
+    parallel_state._set_global_memory_buffer()  # what initialize_model_parallel does; we pass tp_group instead
+    original_fn, original_rs = layers.LinearWithGradAccumulationAndAsyncCommunication, layers.dist_reduce_scatter_func
+    ref = _sp_step(world, rank)
+    parts = [torch.empty_like(ref[4]) for _ in range(world)]
+    dist.all_gather(parts, ref[4])
+    k = SP_SEQ // world
+    mine = [p[rank * k:(rank + 1) * k].double() for p in parts]  # this rank's rows of each partial
+    out = {"ref": ref, "exact": sum(mine), "mag": sum(m.abs() for m in mine)}
+    for name, cfg in SP_CODECS.items():
+        state = gw_mc.compress_tensor_parallel(cfg, base_seed=5, keep_trace=True)
+        try:
+            got = _sp_step(world, rank)
+            got2 = _sp_step(world, rank)  # a second backward: the next seed, counters add up
+        finally:
+            state.disable()
+        codec, tr = build_codec(cfg), state.last_trace
+        dec = sum(codec.decode(pk, dtype=torch.float32) for pk in tr["recv"]).reshape(got2[0].shape)
+        out[name] = dict(got=got, got2=got2, counters=dict(state.counters), op=tr["op"],
+                         equal_decode=torch.equal(got2[0], dec), swapped_back=layers.dist_reduce_scatter_func is original_rs)
+    # bfloat16 parameters and activations: the reduce-scatter's gradient is bfloat16; gradwire
+    # sums in float32 and rounds once, Megatron's gloo reduce-scatter rounds a + b once: equal
+    ref_bf = _sp_step(world, rank, torch.bfloat16)
+    state = gw_mc.compress_tensor_parallel({"name": "identity"})
+    try:
+        out["bf16_params"] = dict(ref=ref_bf, got=_sp_step(world, rank, torch.bfloat16))
+    finally:
+        state.disable()
+    out["after_disable"] = _sp_step(world, rank)  # Megatron's own path again
+    out["restored"] = (layers.LinearWithGradAccumulationAndAsyncCommunication is original_fn
+                       and layers.dist_reduce_scatter_func is original_rs)
+    return out
+
+
+def test_megatron_sequence_parallel_reduce_scatter_on_cpu():
+    vals = values(run_workers(_sp_worker, 2, timeout_s=300))
+    k = SP_SEQ // 2
+    raw = (2 - 1) * k * SHAPE[1] * SHAPE[2] * 4  # a ring reduce-scatter's bytes per rank, float32
+    for rank, v in enumerate(vals):
+        ref = v["ref"]
+        assert ref[0].shape == (k, SHAPE[1], SHAPE[2])
+        assert torch.equal(ref[0], v["exact"].float())  # Megatron's gloo reduce-scatter did sum this rank's rows
+        assert v["restored"]
+        for a, b in zip(v["after_disable"], ref):
+            assert torch.equal(a, b)
+        # identity: every gradient bit-identical to Megatron's own reduce-scatter (2 ranks: a + b either way)
+        for run in ("got", "got2"):
+            for a, b in zip(v["identity"][run], ref):
+                assert torch.equal(a, b)
+        for name in SP_CODECS:
+            r = v[name]
+            c = r["counters"]
+            assert c["reduce_scatters"] == 2 and c["all_reduces"] == 0 and c["raw_bytes"] == 2 * raw, (name, c)
+            assert r["op"] == "reduce_scatters" and r["equal_decode"] and r["swapped_back"], name
+            for i in (1, 2, 3):  # weight / bias gradients are Megatron's, untouched
+                assert torch.equal(r["got"][i], ref[i]), (name, i)
+        assert v["identity"]["counters"]["bytes_sent"] == 2 * build_codec({"name": "identity"}).packed_size(
+            (k, SHAPE[1], SHAPE[2]), torch.float32)
+        bp = v["bf16_params"]
+        assert bp["got"][0].dtype == torch.bfloat16
+        for a, b in zip(bp["got"], bp["ref"]):
+            assert torch.equal(a, b)
+        assert v["bf16"]["counters"]["bytes_sent"] < v["identity"]["counters"]["bytes_sent"]
+        assert v["fp8_e4m3"]["counters"]["bytes_sent"] < v["bf16"]["counters"]["bytes_sent"]
+        # bf16 rounds each packet element to nearest (relative error <= 2^-8), then the float32
+        # sum of 2 terms is exact in float64 terms up to one float32 rounding
+        for run in ("got", "got2"):
+            gx = v["bf16"][run][0].double()
+            err = (gx - v["exact"]).abs()
+            assert bool((err <= U * v["mag"] * 1.01 + 2.0**-23 * v["exact"].abs() + 1e-12).all()), rank
+            assert not torch.equal(v["bf16"][run][0], ref[0])  # bf16 did round
+        # fp8 e4m3 (per-tensor scale, 3 mantissa bits): relative error <= 2^-4 of each element
+        # in its normal range; the bound below adds the subnormal step of the scaled format
+        gx = v["fp8_e4m3"]["got"][0].double()
+        err = (gx - v["exact"]).abs()
+        assert bool((err <= 2.0**-4 * v["mag"] * 1.01 + 2.0**-9 * v["mag"].max() * 2 + 1e-12).all()), rank
+        assert not torch.equal(v["fp8_e4m3"]["got"][0], ref[0])
+        # prune (variable size): the result is the rank-ordered sum of the decoded packets
+        # (equal_decode above), which dropped about half of each partial
+        assert v["prune"]["counters"]["bytes_sent"] < v["identity"]["counters"]["bytes_sent"]
+        assert not torch.equal(v["prune"]["got"][0], ref[0])
+
+
+def test_sequence_parallel_backward_that_differs_from_0_16_is_refused():
+    """The swap is checked: a backward that never calls the reduce-scatter (Megatron's empty
+    buffer would come back as the gradient) or calls it with another group raises, and the
+    module global is restored either way. In-process, no collective is reached."""
+    from megatron.core.tensor_parallel import layers
+
+    original = layers.dist_reduce_scatter_func
+    state = gw_mc.TPCompression(build_codec({"name": "identity"}), 0, False)
+    ctx = types.SimpleNamespace(tp_group=object())
+
+    class NoReduceScatter:
+        @staticmethod
+        def backward(ctx, g):
+            return (g, None)
+
+    class OtherGroup:
+        @staticmethod
+        def backward(ctx, g):
+            layers.dist_reduce_scatter_func(g[:1], g, group=object(), async_op=True)
+            return (g, None)
+
+    with pytest.raises(RuntimeError, match="made 0 reduce-scatter calls"):
+        gw_mc._backward_compressed_reduce_scatter(NoReduceScatter, state, ctx, torch.ones(2, 3))
+    assert layers.dist_reduce_scatter_func is original
+    with pytest.raises(RuntimeError, match="unexpected reduce-scatter"):
+        gw_mc._backward_compressed_reduce_scatter(OtherGroup, state, ctx, torch.ones(2, 3))
+    assert layers.dist_reduce_scatter_func is original
+    assert state.counters["reduce_scatters"] == 0
