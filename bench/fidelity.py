@@ -61,12 +61,14 @@ ARMS: dict[str, dict] = {
                            baseline="baseline"),
     "prune90-hetero-4stage": dict(config=C("prune90-hetero"), stages=4, baseline="baseline"),
     "prune80-mincos0.9": dict(config=C("prune80"), min_cosine=0.9, baseline="baseline"),
+    "prune80-mincos0.8": dict(config=C("prune80"), min_cosine=0.8, baseline="baseline"),
 }
 
 SHIPPED = ["fp4", "fp5", "fp6", "fp8", "nm12", "nm12-greedy", "nm24", "nm24-fp8", "prune80", "prune90-hetero"]
 INVESTIGATION = ["baseline", "prune80", "prune80-rawkept", "prune80-atp", "topk80", "prune80-warmup10",
                  "baseline-lr1e-3", "prune80-lr1e-3", "baseline-sgdm", "prune80-sgdm", "prune50",
-                 "prune80-4stage", "prune90-4stage", "prune90-hetero-4stage", "prune80-mincos0.9"]
+                 "prune80-4stage", "prune90-4stage", "prune90-hetero-4stage", "prune80-mincos0.9",
+                 "prune80-mincos0.8"]
 PLANS = {
     "investigation": dict(arms=INVESTIGATION, steps=400, tasks=["markov"]),
     "shipped": dict(arms=["baseline"] + SHIPPED, steps=1000, tasks=["markov", "stdlib"]),

@@ -76,3 +76,19 @@ def test_other_codecs_are_not_checked():
     p = BoundaryPolicy(codec={"name": "fp", "bits": 6}, refresh_every=1)
     _run(p, [_gauss(s) for s in range(3)])
     assert p.events == []
+
+
+def test_config_key_reaches_the_policy():
+    from gradwire.config import ConfigError, parse_gradwire
+    from gradwire.integrations.deepspeed import codec_from_spec, make_policy
+
+    gw = parse_gradwire({"codec": {"name": "prune", "sparsity": 0.8, "min_cosine": 0.9}})
+    assert gw.codec.min_cosine == 0.9 and gw.codec.label == "prune0.8-cos0.9"
+    assert make_policy(gw, 0).min_cosine == 0.9
+    assert codec_from_spec(gw.codec).sparsity == 0.8  # a policy setting, not a codec parameter
+    assert make_policy(parse_gradwire({"codec": {"name": "prune", "sparsity": 0.8}}), 0).min_cosine is None
+    for bad in (0, 1.2, "0.9", True):
+        with pytest.raises(ConfigError, match="min_cosine"):
+            parse_gradwire({"codec": {"name": "prune", "sparsity": 0.8, "min_cosine": bad}})
+    with pytest.raises(ConfigError, match="unknown key 'min_cosine'"):
+        parse_gradwire({"codec": {"name": "fp", "bits": 6, "min_cosine": 0.9}})
