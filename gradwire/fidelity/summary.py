@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-FIELDS = ("cosine", "added_var", "sparsity", "analytic_cosine", "analytic_sparsity", "sigma_log2", "alpha")
+FIELDS = ("cosine", "added_var", "sparsity", "analytic_cosine", "analytic_sparsity", "sigma_log2", "alpha",
+          "expected_cosine", "expected_sparsity", "atp_predicted_sparsity")
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -24,7 +25,7 @@ def summarise_boundary(records: Sequence[dict], block: int = 20) -> dict:
     comp = [r for r in records if not r["warmup"]]
     out = {"tensors": len(records), "compressed": len(comp)}
     for f in FIELDS:
-        out[f] = _mean([r[f] for r in comp])
+        out[f] = _mean([r.get(f, math.nan) for r in comp])  # older caches lack the newer fields
     out["analytic_added_var"] = _mean([1.0 / r["analytic_cosine"] ** 2 - 1.0 for r in comp
                                        if r["analytic_cosine"] and not math.isnan(r["analytic_cosine"])])
     series = {k: [] for k in ("step", "cosine", "analytic_cosine", "added_var", "sparsity")}
