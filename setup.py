@@ -69,6 +69,11 @@ setup(
             "pytest-timeout>=2.2",  # a hung collective fails its test instead of the CI run
             "hypothesis>=6.100",
             "scikit-learn>=1.3",  # the digits data set used by tests and benchmarks (ships with it)
+            "megatron-core>=0.16,<0.17",  # tests of gradwire.integrations.megatron
+            "transformers>=4.40",  # examples/ (GPT-2 from a config; nothing is downloaded)
         ],
+        # gradwire.integrations.megatron: the patched backward follows 0.16's code (version-checked)
+        "megatron": ["megatron-core>=0.16,<0.17"],
+        "examples": ["transformers>=4.40"],
     },
 )

@@ -17,7 +17,9 @@ Schema (all keys optional)::
       "boundaries": {"1": {"bits": 8}},        # per-boundary overrides, merged into "codec"
       "data_parallel": {"name": "fp", "bits": 8},  # optional: compress DP gradient all-reduce
       "tensor_parallel": {"size": 2, "codec": {"name": "fp", "bits": 8}},  # optional: TP in stages
-      "report_dir": "reports/fp6"
+      "report_dir": "reports/fp6",
+      "timeout": 120                   # seconds any gradwire wait for a peer may last (default:
+                                       # the process group's: DeepSpeed's 10 min / $DEEPSPEED_TIMEOUT)
     }
 
 Boundary ``b`` is the link between pipeline stage ``b`` and stage ``b + 1`` (its backward
@@ -28,7 +30,8 @@ Codecs (``name`` and their keys):
 
 * ``none``: gradients cross uncompressed (the baseline).
 * ``bf16``: cast to bfloat16.
-* ``fp``: ``bits`` (3..8, total incl. sign), ``exp_bits`` (optional; default: the split that
+* ``fp``: ``bits`` (3..8, total incl. sign; ``FPCodec`` also takes 2, stochastic ternary, for
+  experiments, not offered for training), ``exp_bits`` (optional; default: the split that
   minimises Eq. 4 of paper 001 for the measured sigma), ``rounding`` ("stochastic" | "nearest").
 * ``prune``: stochastic pruning (paper 001, Eq. 5/8): ``sparsity`` in (0, 1),
   ``heterogeneous`` (bool: per-boundary sparsities from the cosine-similarity allocation with the
@@ -186,7 +189,7 @@ def parse_codec(d: Mapping[str, Any], where: str = "gradwire.codec") -> CodecSpe
 
 
 SECTION_KEYS = ("enabled", "seed", "refresh_every", "stats_every", "warmup_steps", "codec", "boundaries", "data_parallel",
-                "tensor_parallel", "report_dir")
+                "tensor_parallel", "report_dir", "timeout")
 TP_KEYS = ("size", "codec")
 
 
@@ -226,6 +229,7 @@ class GradwireConfig:
     data_parallel: CodecSpec | None = None
     report_dir: str | None = None
     tensor_parallel: TensorParallelSpec = field(default_factory=TensorParallelSpec)
+    timeout: float | None = None  # seconds (comm.timeout); None: the process group's own
 
     def codec_for(self, boundary: int) -> CodecSpec:
         """The codec of pipeline boundary ``boundary`` (stage b -> b+1); ``none`` if disabled."""
@@ -285,10 +289,16 @@ def parse_gradwire(section: Mapping[str, Any] | None) -> GradwireConfig:
     rd = section.get("report_dir")
     if rd is not None and not isinstance(rd, str):
         raise ConfigError(f"gradwire.report_dir must be a string, got {rd!r}")
+    from gradwire.comm.timeout import check_timeout
+
+    try:
+        timeout = check_timeout(section.get("timeout"))
+    except ValueError as e:
+        raise ConfigError(f"gradwire.{e}") from None
     return GradwireConfig(enabled=enabled, seed=seed, refresh_every=refresh, stats_every=stats_every,
                           warmup_steps=warmup, codec=codec,
                           boundaries=tuple(sorted(overrides)), data_parallel=dp_spec, tensor_parallel=tp_spec,
-                          report_dir=rd)
+                          report_dir=rd, timeout=timeout)
 
 
 def load_config(path: str) -> tuple[dict[str, Any], GradwireConfig]:
@@ -298,8 +308,18 @@ def load_config(path: str) -> tuple[dict[str, Any], GradwireConfig]:
             raw = json.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file {path!r} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config path {path!r} is a directory, not a JSON file") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path!r} cannot be read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: JSON nested too deeply to be a config") from None
+    except ValueError as e:  # e.g. an integer literal beyond Python's 4300-digit conversion limit
+        raise ConfigError(f"{path}: unreadable JSON value: {str(e).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a DeepSpeed config is a JSON object, got {type(raw).__name__}")
     section = raw.pop("gradwire", None)
@@ -322,7 +342,7 @@ def check_topology(world_size: int, num_stages: int, num_layers: int, tensor_par
             f"{divisors}, or launch with a multiple of {per_replica} ranks")
     if num_stages > num_layers:
         raise ConfigError(f"{num_stages} pipeline stages need at least {num_stages} layers; "
-                          f"the model has {num_layers} (raise --layers or lower --stages)")
+                          f"the model has {num_layers} (raise --depth or lower --stages)")
 
 
 def with_codec(cfg: GradwireConfig, codec: CodecSpec) -> GradwireConfig:

@@ -142,6 +142,11 @@ class BoundaryPolicy:
                                                samples=0, rel_error_sum=0.0, cosine_sum=0.0,
                                                sparsity_sum=0.0, refreshes=0)
 
+    def wire_settings(self) -> dict[str, Any]:
+        """The settings besides the codec that change this boundary's packets (their codec and
+        size per step): both ends exchange them in the handshake (``comm.handshake``)."""
+        return {"warmup_steps": self.config.warmup_steps}
+
     # --- schedule
     def in_warmup(self, step: int) -> bool:
         return step < self.config.warmup_steps
@@ -237,13 +242,15 @@ class BoundaryPolicy:
             self._sample(x, codec.decode(packet, dtype=torch.float32))
         return packet
 
-    def decode(self, packet: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Decode a packet of this boundary (warm-up identity packets included)."""
+    def decode(self, packet: torch.Tensor, *, dtype: torch.dtype | None = None,
+               expect: Any | None = None) -> torch.Tensor:
+        """Decode a packet of this boundary (warm-up identity packets included); ``expect``
+        (``codec.header.Expected``) is checked before anything is allocated."""
         from gradwire.codec.header import parse_packet
 
-        codec_id = parse_packet(packet)[0].codec_id
+        codec_id = parse_packet(packet, expect)[0].codec_id
         codec = self._identity if codec_id == self._identity.codec_id else self.codec
-        return codec.decode(packet, dtype=dtype)
+        return codec.decode(packet, dtype=dtype, expect=expect)
 
     def _sample(self, x: torch.Tensor, y: torch.Tensor) -> None:
         x = x.detach().float().reshape(-1)

@@ -30,9 +30,16 @@ import torch  # noqa: E402
 from gradwire.config import ConfigError, check_topology, load_config  # noqa: E402
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Argument errors are one line on stderr and exit 2 (argparse prints the usage first)."""
+
+    def error(self, message):
+        self.exit(2, f"train.py: argument error: {message} (see --help)\n")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _OneLineParser(description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="DeepSpeed JSON with a \"gradwire\" section")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
     p.add_argument("--depth", type=int, default=4, help="decoder blocks (default 4)")
@@ -53,12 +60,17 @@ def parse_args(argv=None):
                    "reports/<config name>")
     p.add_argument("--baseline", default=None, help="report.json of a baseline run to plot beside")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="single-process mode: where the in-process stages run (default auto: cuda "
+                        "when a GPU is visible, else cpu); multi-rank runs use DeepSpeed's device")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per process "
                    "(default 1: the default model is tiny, and more threads only contend)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     a = p.parse_args(argv)
     if a.steps < 1:
         p.error("--steps must be >= 1")
+    if a.stages is not None and a.stages < 1:
+        p.error(f"--stages must be >= 1, got {a.stages}")
     return a
 
 
@@ -85,9 +97,9 @@ def build_data(args):
 
 
 def batch_sizes(ds_config):
-    micro = int(ds_config.get("train_micro_batch_size_per_gpu", 8))
-    gas = int(ds_config.get("gradient_accumulation_steps", 1))
-    return micro, gas
+    from gradwire.ds_config import batch_sizes as checked
+
+    return checked(ds_config)  # validated in main() before anything runs
 
 
 def progress(args, rank, total):
@@ -103,26 +115,28 @@ def run_inprocess(args, ds_config, gw, gpt_cfg, tokens):
     from gradwire.models.inprocess import InProcessPipeline
     from gradwire.models.synthetic import TokenStream
 
+    from gradwire.ds_config import inprocess_optimizer
+
     stages = args.stages or 2
-    pipe = InProcessPipeline(gpt_layers(gpt_cfg, seed=args.seed), stages, gw, lm_loss)
-    opt_cfg = ds_config.get("optimizer", {"type": "Adam", "params": {"lr": 1e-3}})
-    params = {k: v for k, v in opt_cfg.get("params", {}).items() if k != "torch_adam"}
-    opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}.get(opt_cfg.get("type", "adam").lower())
-    if opt_cls is None:
-        raise ConfigError(f"optimizer type {opt_cfg.get('type')!r}: the single-process mode knows Adam and AdamW")
-    opt = opt_cls(pipe.parameters(), **params)
+    device = torch.device(inprocess_device(args.device))
+    # Built on the CPU (same initial weights on every device), then moved.
+    pipe = InProcessPipeline(gpt_layers(gpt_cfg, seed=args.seed), stages, gw, lm_loss).to(device)
+    opt = inprocess_optimizer(ds_config)(pipe.parameters())  # checked in main() already
     micro, gas = batch_sizes(ds_config)
     data = TokenStream(tokens, gpt_cfg.seq_len, micro, seed=args.seed + 1)
     losses, bar = [], progress(args, 0, args.steps)
     t0 = time.perf_counter()
+    ends = []  # wall clock at the end of every step: step times for bench/slow_link.py
     for step in range(args.steps):
         opt.zero_grad(set_to_none=True)
-        loss = sum(pipe.forward_backward(*next(data), step, scale=1.0 / gas) for _ in range(gas)) / gas
+        loss = sum(pipe.forward_backward(*(t.to(device) for t in next(data)), step, scale=1.0 / gas)
+                   for _ in range(gas)) / gas
         clip = ds_config.get("gradient_clipping")
         if clip:
             torch.nn.utils.clip_grad_norm_(pipe.parameters(), clip)
         opt.step()
         losses.append(loss)
+        ends.append(time.perf_counter())
         _tick(bar, loss, pipe.wire_log.step_totals(step), (step + 1) * gas * micro * gpt_cfg.seq_len, t0)
     if bar:
         bar.close()
@@ -130,13 +144,37 @@ def run_inprocess(args, ds_config, gw, gpt_cfg, tokens):
     if getattr(args, "corpus", None) is not None:  # --data stdlib: loss on the held-out split
         from gradwire.data.corpus import eval_windows
 
-        vx, vy = eval_windows(args.corpus.val, gpt_cfg.seq_len)
+        vx, vy = (t.to(device) for t in eval_windows(args.corpus.val, gpt_cfg.seq_len))
         extra["val_loss"] = sum(pipe.evaluate(vx[i:i + 64], vy[i:i + 64]) * len(vx[i:i + 64])
                                 for i in range(0, len(vx), 64)) / len(vx)
     return losses, pipe.wire_log.rows, {**extra, "stages": stages, "mode": "in-process", "ranks": 1,
+                                        "device": str(device), "step_seconds": _step_seconds(t0, ends),
                                         "sparsity_allocations": pipe.allocations,
                                         "layer_ranges": pipe.ranges,
                                         "codec_impl": sorted({_impl(c) for c in pipe.codecs})}
+
+
+def _net_counter():
+    """(reader, samples) when a link benchmark asks for the link's byte counter at every step
+    end ($GRADWIRE_NET_COUNTER, see gradwire.testing.shaped_link), else None."""
+    from gradwire.testing.shaped_link import tx_bytes_reader
+
+    read = tx_bytes_reader()
+    return None if read is None else (read, [read()])
+
+
+def _step_seconds(t0: float, ends: list[float]) -> list[float]:
+    """Wall-clock seconds of each step, from the start of the loop and each step's end."""
+    return [b - a for a, b in zip([t0] + ends[:-1], ends)]
+
+
+def inprocess_device(choice: str) -> str:
+    """The device of the single-process run: ``auto`` takes the GPU when torch sees one."""
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: torch.cuda.is_available() is False here (no GPU, or a CPU-only torch)")
+    return choice
 
 
 def _impl(codec) -> str:
@@ -217,9 +255,13 @@ def run_deepspeed(args, ds_config, gw, gpt_cfg, tokens, world):
     # Rank 0 is stage 0: it sees boundary 0 from the receiving side (bytes received per step).
     raw_per_step = gas * micro * gpt_cfg.seq_len * gpt_cfg.width * 4  # fp32 hidden-state gradients
     prev = 0
+    ends, net = [], _net_counter()
     for step in range(args.steps):
         loss = float(engine.train_batch(data_iter=data))
         losses.append(loss)
+        ends.append(time.perf_counter())
+        if net:
+            net[1].append(net[0]())
         if bar is not None:
             _tick(bar, loss, (raw_per_step, engine.gradwire_bytes_received - prev),
                   (step + 1) * gas * micro * gpt_cfg.seq_len, t0)
@@ -235,10 +277,13 @@ def run_deepspeed(args, ds_config, gw, gpt_cfg, tokens, world):
             "checksum": float(sum(p.detach().double().sum() for p in engine.module.parameters()))}
     if tp_group is not None:
         mine["tp"] = _tp_telemetry(engine, tp_group)
-    every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, mine)
+    from gradwire.comm.collectives import all_gather_json
+
+    every = all_gather_json(mine)  # JSON, not all_gather_object's pickle from peers
     rows = [r for e in every for r in e["rows"]]
     info = {"stages": stages, "mode": "deepspeed-pipeline", "ranks": dist.get_world_size(),
+            "step_seconds": _step_seconds(t0, ends),  # rank 0's view; every rank takes part in every step
+            "net_tx_bytes": net[1] if net else None,
             "bytes_sent_by_rank": [e["sent"] for e in every],
             "bytes_received_by_rank": [e["received"] for e in every],
             "codec_impl": sorted({i for e in every for i in e["impl"]}),
@@ -290,7 +335,22 @@ def _section(gw):
          "data_parallel": gw.data_parallel.to_dict() if gw.data_parallel else None,
          "codec": gw.codec.to_dict(), "boundaries": {str(b): s.to_dict() for b, s in gw.boundaries},
          "tensor_parallel": gw.tensor_parallel.to_dict()}
+    if gw.timeout is not None:
+        d["timeout"] = gw.timeout
     return d
+
+
+def _check_deepspeed_part(path, ds_config, world) -> None:
+    """The DeepSpeed keys (gradwire.ds_config): typos, batch settings, and with one process what
+    the in-process stages cannot honour. Unknown keys that are no typo are reported, not fatal."""
+    from gradwire.ds_config import check_deepspeed, inprocess_optimizer, unknown_keys
+
+    ignored = unknown_keys(ds_config)
+    if ignored:
+        print(f"train.py: warning: {path}: DeepSpeed ignores unknown top-level keys {ignored}", file=sys.stderr)
+    check_deepspeed(ds_config, world)
+    if world == 1:
+        inprocess_optimizer(ds_config)
 
 
 def main(argv=None) -> int:
@@ -299,6 +359,7 @@ def main(argv=None) -> int:
     # Everything that can be wrong is checked before any process group or model exists.
     try:
         ds_config, gw = load_config(args.config)
+        _check_deepspeed_part(args.config, ds_config, world)
         depth_layers = args.depth + 2
         tp = args.tp if args.tp is not None else gw.tensor_parallel.size
         if tp < 1:
@@ -326,6 +387,8 @@ def main(argv=None) -> int:
             raise ConfigError(f"--data {args.data!r} is not a file (pass a UTF-8 text file)")
         if args.baseline and not os.path.exists(args.baseline):
             raise ConfigError(f"--baseline {args.baseline!r} does not exist (pass a report.json)")
+        if world == 1:
+            inprocess_device(args.device)  # --device cuda without a GPU: a config error, not a traceback
         from gradwire.models.gpt import GPTConfig
 
         try:
@@ -351,6 +414,11 @@ def main(argv=None) -> int:
             codec_from_spec(gw.data_parallel)
         if tp > 1:
             codec_from_spec(_tp_codec(gw))
+        try:  # the embedded language or the text file: bad --vocab/--order/--data fail here
+            data = build_data(args)
+        except (ValueError, OSError) as e:
+            what = f"--data {args.data!r}" if args.data else "--vocab/--order"
+            raise ConfigError(f"{what}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         if tp > 1 and world // (stages * tp) > 1 and gw.data_parallel is not None and gw.data_parallel.name == "fp":
             # Measured: with an fp codec the TP ranks' replicated weights drift apart (see docs).
             raise ConfigError("gradwire.data_parallel: an 'fp' codec chooses its scale per packet, and "
@@ -363,7 +431,7 @@ def main(argv=None) -> int:
         return 2
     args.stages, args.tp = stages, tp
     torch.set_num_threads(max(1, args.threads))
-    tokens, vocab, floor, data_name = build_data(args)
+    tokens, vocab, floor, data_name = data
     gpt_cfg = GPTConfig(vocab=vocab, width=args.width, depth=args.depth, heads=args.heads, seq_len=args.seq_len)
     t0 = time.perf_counter()
     rank = 0
@@ -372,8 +440,12 @@ def main(argv=None) -> int:
 
         # Under mpirun DeepSpeed's MPI discovery sets MASTER_PORT from distributed_port; honour
         # a MASTER_PORT the user exported (default 29500, DeepSpeed's own).
+        import datetime
+
+        # gradwire.timeout also bounds DeepSpeed's own waits (else its 10 min / $DEEPSPEED_TIMEOUT)
+        kw = {} if gw.timeout is None else {"timeout": datetime.timedelta(seconds=gw.timeout)}
         deepspeed.init_distributed(dist_backend=None if torch.cuda.is_available() else "gloo",
-                                   distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
+                                   distributed_port=int(os.environ.get("MASTER_PORT", 29500)), **kw)
         losses, rows, info, rank = run_deepspeed(args, ds_config, gw, gpt_cfg, tokens, world)
     else:
         losses, rows, info = run_inprocess(args, ds_config, gw, gpt_cfg, tokens)

@@ -52,11 +52,16 @@ class Codec(ABC):
         return EncodeResult(self.encode(x, seed=seed, fit=fit), ops.moment_stats(x))
 
     @abstractmethod
-    def decode(self, packet: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def decode(self, packet: torch.Tensor, *, dtype: torch.dtype | None = None,
+               expect: Any | None = None) -> torch.Tensor:
         """Return the tensor a packet describes, in ``dtype`` (default: the source dtype).
 
         Raises ``gradwire.codec.header.PacketError`` (a ``ValueError``) on any inconsistency
-        between the header, the payload and this codec's configuration.
+        between the header, the payload and this codec's configuration. ``expect``
+        (``header.Expected``: shape, source dtype, maximum size) is what the receiver waits for;
+        it is checked before anything is allocated, so bytes from the network must always be
+        decoded with one (header.py: without it a forged header may ask for ~2**11 elements per
+        payload byte).
         """
 
     @abstractmethod
@@ -98,7 +103,20 @@ def check_input(x: Any, what: str) -> torch.Tensor:
         raise TypeError(f"{what}.encode accepts float32, bfloat16 or float16 tensors, got {x.dtype}")
     if x.dim() > MAX_NDIM:
         raise ValueError(f"{what}.encode accepts at most {MAX_NDIM} dimensions, got {x.dim()}")
+    if x.is_meta:  # no data to encode: say so, instead of an unrelated error deep in a kernel
+        raise ValueError(f"{what}.encode needs a tensor with data, got a meta tensor of shape {tuple(x.shape)}")
     return x.detach()
+
+
+def canonical_nan(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with every NaN replaced by the positive quiet NaN of its dtype.
+
+    A packet must not depend on the device that encoded it, but casts and arithmetic write
+    device-specific NaN bits: torch's CUDA float32 -> bfloat16 cast and its CPU one give different
+    NaN payloads, and CUDA arithmetic returns one canonical NaN where x86 keeps an operand's.
+    Applied wherever a codec sends values it computed or cast (not the caller's own bits).
+    """
+    return t.masked_fill(torch.isnan(t), float("nan"))
 
 
 def decode_dtype(dtype: torch.dtype | None, src: torch.dtype) -> torch.dtype:

@@ -11,8 +11,10 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
-from gradwire.codec.base import Codec, check_input, decode_dtype
+from gradwire.codec.base import Codec, canonical_nan, check_input, decode_dtype
+from gradwire.numerics.fp import saturating_cast
 from gradwire.codec.header import (
+    Expected,
     Header,
     PacketError,
     build_packet,
@@ -43,18 +45,24 @@ class _RawCastCodec(Codec):
 
     def encode(self, x: torch.Tensor, *, seed: int = 0, fit: Any | None = None) -> torch.Tensor:
         x = check_input(x, self.name)
-        w = x.to(self._wire(x.dtype)).contiguous().reshape(-1)
+        wire = self._wire(x.dtype)
+        # float32 values near its max round up to inf in bf16: saturate finite values instead
+        w = x.contiguous().reshape(-1) if wire == x.dtype else canonical_nan(
+            saturating_cast(x, wire).reshape(-1))
         return build_packet(self.codec_id, x.dtype, x.shape, b"", w.view(torch.uint8))
 
-    def decode(self, packet: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
-        h, payload = parse_packet(packet)
+    def decode(self, packet: torch.Tensor, *, dtype: torch.dtype | None = None,
+               expect: Expected | None = None) -> torch.Tensor:
+        h, payload = parse_packet(packet, expect)
         check_codec_id(h, self.codec_id, self.name)
         unpack_params(h, struct.Struct("<"), self.name)
         wire = self._wire(h.src_dtype)
         check_payload_len(h, h.numel * wire.itemsize, self.name)
         out = decode_dtype(dtype, h.src_dtype)
         # clone(): the payload view starts 8-byte aligned, but a fresh buffer is simplest to own.
-        return payload.clone().view(wire).reshape(h.shape).to(out)
+        y = payload.clone().view(wire).reshape(h.shape)
+        # bf16 65536 (fp16 65504 rounded) must not become an fp16 inf; infs on the wire stay inf
+        return saturating_cast(y, out) if torch.finfo(wire).max > torch.finfo(out).max else y.to(out)
 
     def packed_size(self, shape: Sequence[int], dtype: torch.dtype) -> int:
         dtype_code(dtype)
@@ -123,9 +131,10 @@ class _FP8Codec(Codec):
         q = self.quantize(x, scale).contiguous().reshape(-1)
         return build_packet(self.codec_id, x.dtype, x.shape, _SCALE.pack(scale), q.view(torch.uint8))
 
-    def decode(self, packet: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def decode(self, packet: torch.Tensor, *, dtype: torch.dtype | None = None,
+               expect: Expected | None = None) -> torch.Tensor:
         h: Header
-        h, payload = parse_packet(packet)
+        h, payload = parse_packet(packet, expect)
         check_codec_id(h, self.codec_id, self.name)
         (scale,) = unpack_params(h, _SCALE, self.name)
         if not (math.isfinite(scale) and scale > 0):
@@ -133,7 +142,13 @@ class _FP8Codec(Codec):
         check_payload_len(h, h.numel, self.name)
         out = decode_dtype(dtype, h.src_dtype)
         q = payload.clone().view(self.fp8_dtype).reshape(h.shape)
-        return (q.float() / scale).to(out)
+        # Divide by a tensor on q's device: CUDA turns division by a Python scalar into a
+        # multiplication by its reciprocal (1 ulp off the CPU's true division).
+        if torch.finfo(self.fp8_dtype).max / scale < 0.5 * torch.finfo(out).max:
+            return (q.float() / torch.tensor(scale, dtype=torch.float32, device=q.device)).to(out)
+        # near the top of out's range (amax ~ float32 max): divide in float64 and saturate, so a
+        # finite code stays finite; the fp8 NaN/inf codes stay non-finite
+        return saturating_cast(q.double() / torch.tensor(scale, dtype=torch.float64, device=q.device), out)
 
     def packed_size(self, shape: Sequence[int], dtype: torch.dtype) -> int:
         dtype_code(dtype)

@@ -34,6 +34,7 @@ import torch
 from gradwire.codec.base import Codec, EncodeResult, check_input, decode_dtype
 from gradwire.codec.bitpack import packed_nbytes
 from gradwire.codec.header import (
+    Expected,
     Header,
     PacketError,
     build_packet,
@@ -206,7 +207,9 @@ class FPCodec(Codec):
     """Low-bit FP with a lognormal-chosen power-of-two scale; ``bits`` per element + header.
 
     Args:
-        bits: total bits per element including the sign, 2..8.
+        bits: total bits per element including the sign, 2..8. FP2 (one exponent bit, no
+            mantissa) is stochastic ternary, {0, +-1} times the scale: available here for
+            experiments, while the "gradwire" config section offers 3..8 for training.
         exp_bits: fixed exponent bits (1..bits-1); None chooses the split per tensor from its
             lognormal sigma (the split travels in the header, so a receiver configured with
             ``bits`` only accepts any split of that width).
@@ -262,11 +265,12 @@ class FPCodec(Codec):
         """The packet alone: the same bytes as ``encode_with_stats``, without the statistics."""
         return self._encode(x, seed, fit, False).packet
 
-    def decode(self, packet: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def decode(self, packet: torch.Tensor, *, dtype: torch.dtype | None = None,
+               expect: Expected | None = None) -> torch.Tensor:
         from gradwire import ops
 
         h: Header
-        h, payload = parse_packet(packet)
+        h, payload = parse_packet(packet, expect)
         check_codec_id(h, self.codec_id, self.name)
         fmt, rounding, scale_exp = unpack_format(unpack_params(h, FORMAT_PARAMS, self.name), self.name)
         sent = {"name": self.name, "bits": fmt.bits, "exp_bits": fmt.exp_bits, "rounding": rounding}
@@ -281,7 +285,7 @@ class FPCodec(Codec):
             if "padding" not in str(e):
                 raise
             raise PacketError(f"{self.name} payload: nonzero padding bits after the last code") from None
-        return y.reshape(h.shape).to(out)
+        return saturate_decoded(y, fmt, scale_exp).reshape(h.shape).to(out)
 
     def packed_size(self, shape: Sequence[int], dtype: torch.dtype) -> int:
         dtype_code(dtype)
@@ -289,6 +293,17 @@ class FPCodec(Codec):
         for d in shape:
             n *= int(d)
         return header_size(shape, FORMAT_PARAMS.size) + packed_nbytes(n, self.bits)
+
+
+def saturate_decoded(y: torch.Tensor, fmt, scale_exp: int) -> torch.Tensor:
+    """Decoded FP values with overflows saturated (``numerics.fp.saturating_cast``): a finite
+    gradient arrives finite. Only packets whose largest code, scaled, exceeds ``y.dtype``'s range
+    pay for the extra pass (a Python check on the header's values)."""
+    from gradwire.numerics.fp import saturating_cast
+
+    if fmt.max_value * 2.0 ** -scale_exp <= torch.finfo(y.dtype).max:
+        return y
+    return saturating_cast(y, y.dtype, inf_is_overflow=True)
 
 
 def kernel_dtype(out: torch.dtype) -> torch.dtype:

@@ -28,6 +28,19 @@ Why a header CRC as well as the payload CRC: a flipped bit in the scale exponent
 would otherwise decode to a plausible but wrong tensor, silently. Both checksums are verified
 before anything is allocated, and sizes are checked with Python integers, so a corrupted shape
 can never trigger a huge allocation (every codec bounds numel by the payload length).
+
+Why an ``Expected`` as well: the payload bounds numel only up to the codec's compression ratio,
+and a pruning packet with Rice-coded positions may legitimately describe ~2**11 elements per
+payload byte, so a forged 131 KB packet could ask for a 2**28-element (1 GiB) tensor. Every
+receiver knows the shape and dtype it is waiting for; ``parse_packet(packet, expect)`` compares
+them (and the packet size) with the header before the payload is even checksummed, so a decode
+never allocates more than the expected tensor and its codec's working buffers.
+
+Trust model: the CRCs detect corruption (a flipped bit, a truncated or padded message), not
+forgery -- anyone can compute a CRC-32. A peer that forges packets can still make a receiver
+decode wrong values of the expected shape; what it cannot do is make it read out of bounds,
+allocate more than the expected tensor, or crash with anything but ``PacketError``. Like NCCL and
+gloo themselves, gradwire assumes the ranks of a job and their network are trusted.
 """
 from __future__ import annotations
 
@@ -37,6 +50,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
+
+from gradwire.codec.crc32 import crc32  # payload checksum, computed on the payload's device
 
 MAGIC = b"GWPK"
 FORMAT_VERSION = 1
@@ -77,6 +92,40 @@ class Header:
         for d in self.shape:
             n *= d
         return n
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What a receiver knows before a packet arrives: the tensor's ``shape``, its source ``dtype``
+    and, optionally, the largest packet it accepts (``max_bytes``, e.g. ``Codec.max_packed_size``).
+
+    ``parse_packet(packet, expect)`` rejects a packet that disagrees, before allocating anything.
+    """
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    max_bytes: int | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+        if not isinstance(self.dtype, torch.dtype):
+            raise TypeError(f"Expected.dtype must be a torch.dtype, got {self.dtype!r}")
+        if self.max_bytes is not None and (isinstance(self.max_bytes, bool) or self.max_bytes < 0):
+            raise ValueError(f"Expected.max_bytes must be None or >= 0, got {self.max_bytes!r}")
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def _check_expected(expect: Expected, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    if shape != expect.shape:
+        raise PacketError(f"shape: receiver expects {expect.shape}, packet has {shape}")
+    if dtype != expect.dtype:
+        raise PacketError(f"src_dtype: receiver expects {expect.dtype}, packet has {dtype}")
 
 
 def varint(v: int) -> bytes:
@@ -122,13 +171,6 @@ def dtype_code(dtype: torch.dtype) -> int:
         ) from None
 
 
-def crc32(data: torch.Tensor) -> int:
-    """CRC-32 (zlib polynomial, as ``zlib.crc32``) of a uint8 tensor's bytes."""
-    if data.numel() == 0:
-        return 0
-    return zlib.crc32(data.detach().contiguous().cpu().numpy()) & 0xFFFFFFFF
-
-
 def build_packet(
     codec_id: int,
     src_dtype: torch.dtype,
@@ -164,15 +206,21 @@ def _check_packet_tensor(packet: Any) -> None:
         raise PacketError(
             f"packet: expected a 1-D torch.uint8 tensor, found {packet.dtype} of shape {tuple(packet.shape)}"
         )
+    if packet.is_meta:
+        raise PacketError(f"packet: expected bytes, found a meta tensor of {packet.numel()} elements (no data)")
 
 
-def parse_packet(packet: torch.Tensor) -> tuple[Header, torch.Tensor]:
+def parse_packet(packet: torch.Tensor, expect: Expected | None = None) -> tuple[Header, torch.Tensor]:
     """Validate a packet's header and payload checksum; return the header and the payload view.
 
     Raises ``PacketError`` naming the first inconsistent field. Reads only within the packet.
+    With ``expect``, the packet size, shape and source dtype are checked against it before the
+    payload is touched (module docstring: the decode then allocates at most the expected tensor).
     """
     _check_packet_tensor(packet)
     total = packet.numel()
+    if expect is not None and expect.max_bytes is not None and total > expect.max_bytes:
+        raise PacketError(f"packet length: receiver accepts at most {expect.max_bytes} bytes, found {total}")
     if total < FIXED_SIZE + 4:
         raise PacketError(f"packet length: expected at least {FIXED_SIZE + 4} bytes, found {total}")
     # Only the header crosses to the host; the payload CRC needs the payload bytes too.
@@ -212,6 +260,8 @@ def parse_packet(packet: torch.Tensor) -> tuple[Header, torch.Tensor]:
         raise PacketError(f"shape: expected {ndim} varints filling {shape_end - FIXED_SIZE} bytes, "
                           f"found {off - FIXED_SIZE} bytes used")
     shape = tuple(dims)
+    if expect is not None:
+        _check_expected(expect, shape, CODE_DTYPES[dcode])
     params = head[shape_end: shape_end + plen]
     payload = packet[hlen:]
     got_crc = crc32(payload)

@@ -19,6 +19,13 @@ Payload::
     2. values          N per block: FP codes (value_bits each) or raw source-dtype values
 
 2:4 with FP8 values: (3 + 16) / 4 = 4.75 bits per element; 1:2 with FP8: 4.5.
+
+``dim=None`` (the form for communication, where the blocks need not follow any axis): blocks
+are M consecutive elements of the flattened (row-major) tensor, the last block zero-padded, so
+any shape can be sent (a conv feature map ``(1, 384, 2, 2)`` with M = 4 included). Its packet
+records the original shape and dim = ``FLAT_DIM``; it decodes to ``scatter_blocks`` of the
+padded flat tensor, cut back to ``numel`` and reshaped. When ``shape[-1] % M == 0`` the blocks,
+block counters and values are exactly those of ``dim=-1``.
 """
 from __future__ import annotations
 
@@ -30,7 +37,7 @@ from typing import Any, Sequence
 
 import torch
 
-from gradwire.codec.base import Codec, check_input, decode_dtype
+from gradwire.codec.base import Codec, canonical_nan, check_input, decode_dtype
 from gradwire.codec.bitpack import pack_bits, packed_nbytes, unpack_bits
 from gradwire.codec.fp import (
     FORMAT_PARAMS,
@@ -40,10 +47,13 @@ from gradwire.codec.fp import (
     choose_format,
     finite_amax,
     pack_format,
+    saturate_decoded,
     unpack_format,
     usable_fit,
 )
+from gradwire.numerics.fp import saturating_cast
 from gradwire.codec.header import (
+    Expected,
     PacketError,
     build_packet,
     check_codec_id,
@@ -59,6 +69,7 @@ METHODS = ("mvue", "mvue_approx", "greedy")
 _METHOD_CODES = {m: i for i, m in enumerate(METHODS)}
 MVUE_PATTERNS = {"mvue": ((1, 2), (2, 4)), "mvue_approx": ((2, 4),)}
 MAX_M = 16
+FLAT_DIM = 255  # the header's dim byte for dim=None (blocks over the flattened tensor)
 # n, m, method, dim (normalised, >= 0), value flag (1 = FP codes, 0 = raw), FP format block.
 NM_PARAMS = struct.Struct("<BBBBB" + FORMAT_PARAMS.format[1:])
 
@@ -79,6 +90,21 @@ def _index_scheme(n: int, m: int) -> tuple[int, torch.Tensor | None, torch.Tenso
     return max(1, math.ceil(math.log2(count))), rank_of_mask, torch.tensor(combos, dtype=torch.int64)
 
 
+def _saturate_block_sums(values: torch.Tensor, x: torch.Tensor, dim: int, m: int) -> torch.Tensor:
+    """MVUE keeps block sums (|a| + |b|, computed in float32), which overflow to inf for finite
+    float32/bf16 inputs near float32's max. A block whose inputs are all finite must send finite
+    values: those infs saturate to +-float32 max (the bias sits only at that edge). Blocks with a
+    non-finite input keep theirs (non-finite data, architecture.md). One ``any()`` pass over the
+    values; the block test runs only when an inf is there."""
+    inf = torch.isinf(values)
+    if not bool(inf.any()):
+        return values
+    xm = x.movedim(dim, -1)
+    finite_block = torch.isfinite(xm).reshape(*xm.shape[:-1], xm.shape[-1] // m, m).all(-1)
+    big = torch.finfo(torch.float32).max
+    return torch.where(inf & finite_block.unsqueeze(-1), values.sign() * big, values)
+
+
 class NMCodec(Codec):
     """N:M sparsification of a tensor along ``dim`` (``x.shape[dim] % m == 0`` or ValueError).
 
@@ -91,7 +117,8 @@ class NMCodec(Codec):
         rounding: rounding of the kept values, "stochastic" (default) or "nearest".
         value_scale: "amax" (default: no saturation, so MVUE + stochastic rounding stays unbiased)
             or "optimal" (least expected relative error of the values' lognormal fit).
-        dim: the dimension along which blocks are formed.
+        dim: the dimension along which blocks are formed, or None: blocks over the flattened
+            tensor, tail zero-padded (any shape; see the module doc).
     """
 
     name = "nm"
@@ -115,8 +142,8 @@ class NMCodec(Codec):
                                else check_bits("value_exp_bits", value_exp_bits, 1, min(7, value_bits - 1)))
         self.rounding = check_rounding(rounding)
         self.value_scale = check_scale(value_scale)
-        if isinstance(dim, bool) or not isinstance(dim, int):
-            raise ValueError(f"dim must be an int, got {dim!r}")
+        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int)):
+            raise ValueError(f"dim must be an int or None (flattened blocks), got {dim!r}")
         self.dim = dim
 
     def config(self) -> dict[str, Any]:
@@ -131,11 +158,12 @@ class NMCodec(Codec):
         from gradwire import ops
         from gradwire.numerics import nm
 
+        dim = -1 if self.dim is None else self.dim  # dim=None: x is the padded flat tensor
         if self.method == "greedy":
-            return nm.greedy_nm_select(x, self.n, self.m, dim=self.dim)
+            return nm.greedy_nm_select(x, self.n, self.m, dim=dim)
         scheme = "mvue_24_approx" if self.method == "mvue_approx" else (
             "mvue_12" if self.m == 2 else "mvue_24_exact")
-        return ops.nm_select(x, scheme, dim=self.dim, seed=seed)
+        return ops.nm_select(x, scheme, dim=dim, seed=seed)
 
     def choose(self, values: torch.Tensor) -> tuple[Any, int]:
         """(FPFormat, scale_exp) for the kept values (FP mode only)."""
@@ -152,11 +180,16 @@ class NMCodec(Codec):
         from gradwire.numerics.rng import derive_seed
 
         x = check_input(x, self.name)
-        dim = self._norm_dim(x.dim())
-        if x.shape[dim] % self.m:
-            raise ValueError(f"N:M blocks of M={self.m} need x.shape[{self.dim}] divisible by {self.m}, "
-                             f"got shape {tuple(x.shape)}")
+        shape = x.shape
+        if self.dim is None:
+            dim, x = FLAT_DIM, self._flat_padded(x)
+        else:
+            dim = self._norm_dim(x.dim())
+            if x.shape[dim] % self.m:
+                raise ValueError(f"N:M blocks of M={self.m} need x.shape[{self.dim}] divisible by {self.m}, "
+                                 f"got shape {tuple(x.shape)} (dim=None blocks the flattened tensor)")
         values, indices = self.select(x, seed)
+        values = _saturate_block_sums(values, x, dim, self.m)
         idx_bits, rank_of_mask, _ = _index_scheme(self.n, self.m)
         flat_idx = indices.reshape(-1, self.n).to(torch.int64)
         if rank_of_mask is not None:
@@ -166,7 +199,9 @@ class NMCodec(Codec):
         else:
             meta_bytes = pack_bits(flat_idx.to(torch.uint8).reshape(-1), idx_bits // self.n)
         if self.value_bits is None:
-            val_bytes = values.reshape(-1).to(x.dtype).contiguous().view(torch.uint8)
+            # MVUE values are block sums: finite ones above x.dtype's range saturate there
+            # (numerics.fp.saturating_cast), so a finite gradient arrives finite.
+            val_bytes = canonical_nan(saturating_cast(values.reshape(-1), x.dtype)).contiguous().view(torch.uint8)
             fmt_block = FORMAT_PARAMS.pack(0, 0, 0, 0, 0, 0)
         else:
             fmt, scale_exp = self.choose(values)
@@ -175,20 +210,27 @@ class NMCodec(Codec):
             fmt_block = pack_format(fmt, self.rounding, scale_exp)
         params = NM_PARAMS.pack(self.n, self.m, _METHOD_CODES[self.method], dim,
                                 int(self.value_bits is not None), *FORMAT_PARAMS.unpack(fmt_block))
-        return build_packet(self.codec_id, x.dtype, x.shape, params, torch.cat([meta_bytes, val_bytes]))
+        return build_packet(self.codec_id, x.dtype, shape, params, torch.cat([meta_bytes, val_bytes]))
+
+    def _flat_padded(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1)
+        if flat.numel() % self.m:
+            flat = torch.cat([flat, flat.new_zeros(self.m - flat.numel() % self.m)])
+        return flat
 
     def _sizes(self, shape: Sequence[int], dtype: torch.dtype, value_bits: int | None) -> list[int]:
-        blocks = math.prod(int(d) for d in shape) // self.m
+        blocks = -(-math.prod(int(d) for d in shape) // self.m)  # flat: the padded tail block counts
         idx_bits, _, _ = _index_scheme(self.n, self.m)
         vals = (packed_nbytes(blocks * self.n, value_bits) if value_bits
                 else blocks * self.n * dtype.itemsize)
         return [(blocks * idx_bits + 7) // 8, vals]  # metadata, values
 
-    def decode(self, packet: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def decode(self, packet: torch.Tensor, *, dtype: torch.dtype | None = None,
+               expect: Expected | None = None) -> torch.Tensor:
         from gradwire import ops
         from gradwire.numerics.nm import scatter_blocks
 
-        h, payload = parse_packet(packet)
+        h, payload = parse_packet(packet, expect)
         check_codec_id(h, self.codec_id, self.name)
         n, m, mcode, dim, has_fmt, *fmt_fields = unpack_params(h, NM_PARAMS, self.name)
         if mcode >= len(METHODS):
@@ -202,22 +244,24 @@ class NMCodec(Codec):
         else:
             fmt, rounding = None, self.rounding
         ndim = len(h.shape)
-        if ndim == 0 or dim >= ndim:
+        flat = dim == FLAT_DIM
+        if not flat and (ndim == 0 or dim >= ndim):
             raise PacketError(f"nm dim: expected a dimension of shape {h.shape}, found dim={dim}")
         sent = {"name": self.name, "n": n, "m": m, "method": METHODS[mcode],
-                "value_bits": fmt.bits if fmt else None, "rounding": rounding, "dim": dim}
-        mine = {**self.config(), "dim": self.dim % ndim if -ndim <= self.dim < ndim else self.dim}
+                "value_bits": fmt.bits if fmt else None, "rounding": rounding, "dim": None if flat else dim}
+        mine = {**self.config(), "dim": (self.dim % ndim if self.dim is not None and -ndim <= self.dim < ndim
+                                         else self.dim)}
         keys = ["n", "m", "method", "value_bits", "rounding", "dim"]
         if self.value_exp_bits is not None:
             sent["value_exp_bits"] = fmt.exp_bits if fmt else None
             keys.append("value_exp_bits")
         check_config(sent, mine, keys)
-        if h.shape[dim] % m:
+        if not flat and h.shape[dim] % m:
             raise PacketError(f"nm shape: expected shape[{dim}] divisible by m={m}, found shape {h.shape}")
         sizes = self._sizes(h.shape, h.src_dtype, fmt.bits if fmt else None)
         check_payload_len(h, sum(sizes), self.name)  # bounds numel before allocating
         out = decode_dtype(dtype, h.src_dtype)
-        blocks = h.numel // m
+        blocks = -(-h.numel // m)
         idx_bits, _, combos = _index_scheme(n, m)
         meta, vals = torch.split(payload, sizes)
         try:
@@ -231,19 +275,30 @@ class NMCodec(Codec):
                 if blocks and (int(indices.max()) >= m or bool((indices.diff(dim=1) <= 0).any())):
                     raise ValueError("block indices must be ascending and < m")
             if fmt is not None:
-                values = ops.fp_decode(vals, blocks * n, fmt, scale_exp=scale_exp, dtype=torch.float32)
+                values = saturate_decoded(ops.fp_decode(vals, blocks * n, fmt, scale_exp=scale_exp,
+                                                        dtype=torch.float32), fmt, scale_exp)
             else:
                 values = vals.clone().view(h.src_dtype).float()
         except (ValueError, RuntimeError) as e:
             if isinstance(e, RuntimeError) and "padding" not in str(e):
                 raise
             raise PacketError(f"nm payload: {e}") from None
+        top = fmt.max_value * 2.0 ** -scale_exp if fmt is not None else torch.finfo(h.src_dtype).max
+        if top > torch.finfo(out).max:  # scatter_blocks casts to out: saturate finite values first
+            values = torch.where(torch.isfinite(values), values.clamp(-torch.finfo(out).max, torch.finfo(out).max),
+                                 values)
+        if flat:
+            dense = scatter_blocks(values.reshape(blocks, n), indices.to(torch.uint8).reshape(blocks, n), m,
+                                   (blocks * m,), 0, out)
+            return dense[:h.numel].reshape(h.shape)
         moved = h.shape[:dim] + h.shape[dim + 1:] + (h.shape[dim] // m, n)
         return scatter_blocks(values.reshape(moved), indices.to(torch.uint8).reshape(moved), m, h.shape, dim, out)
 
     def packed_size(self, shape: Sequence[int], dtype: torch.dtype) -> int:
         dtype_code(dtype)
         shape = tuple(int(d) for d in shape)
+        if self.dim is None:
+            return header_size(shape, NM_PARAMS.size) + sum(self._sizes(shape, dtype, self.value_bits))
         dim = self._norm_dim(len(shape)) if shape else None
         if dim is None or shape[dim] % self.m:
             raise ValueError(f"N:M blocks of M={self.m} need shape[{self.dim}] divisible by {self.m}, got {shape}")

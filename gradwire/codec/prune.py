@@ -63,10 +63,13 @@ from gradwire.codec.fp import (
     check_bits,
     check_rounding,
     pack_format,
+    saturate_decoded,
     unpack_format,
     usable_fit,
 )
+from gradwire.numerics.fp import saturating_cast
 from gradwire.codec.header import (
+    Expected,
     PacketError,
     build_packet,
     check_codec_id,
@@ -249,10 +252,11 @@ class PruneCodec(Codec):
         params = PRUNE_PARAMS.pack(a, flag, *FORMAT_PARAMS.unpack(fmt_block), nnz, int(is_alpha.sum()))
         return build_packet(self.codec_id, x.dtype, x.shape, params, torch.cat(sections))
 
-    def decode(self, packet: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def decode(self, packet: torch.Tensor, *, dtype: torch.dtype | None = None,
+               expect: Expected | None = None) -> torch.Tensor:
         from gradwire import ops
 
-        h, payload = parse_packet(packet)
+        h, payload = parse_packet(packet, expect)
         check_codec_id(h, self.codec_id, self.name)
         a, flag, *fmt_fields, nnz, n_alpha = unpack_params(h, PRUNE_PARAMS, self.name)
         if not (math.isfinite(a) and a >= 0):
@@ -307,7 +311,8 @@ class PruneCodec(Codec):
             is_alpha = unpack_bits(parts[1], nnz, 1).bool()
             neg = unpack_bits(parts[2], n_alpha, 1).bool()
             if has_fmt:
-                kept_vals = ops.fp_decode(parts[3], n_kept, fmt, scale_exp=scale_exp, dtype=torch.float32)
+                kept_vals = saturate_decoded(
+                    ops.fp_decode(parts[3], n_kept, fmt, scale_exp=scale_exp, dtype=torch.float32), fmt, scale_exp)
             else:
                 kept_vals = parts[3].clone().view(h.src_dtype).float()
         except (ValueError, RuntimeError) as e:
@@ -326,6 +331,11 @@ class PruneCodec(Codec):
         nz_vals[~is_alpha] = kept_vals
         y = torch.zeros(n, dtype=torch.float32, device=payload.device)
         y[positions if rice else nonzero] = nz_vals
+        # A finite value arrives finite (numerics.fp.saturating_cast); the pass is paid only when
+        # the largest value the packet can hold exceeds the output dtype's range.
+        top = max(a, fmt.max_value * 2.0 ** -scale_exp if has_fmt else torch.finfo(h.src_dtype).max)
+        if top > torch.finfo(out_dtype).max:
+            return saturating_cast(y, out_dtype).reshape(h.shape)
         return y.reshape(h.shape).to(out_dtype)
 
     def packed_size(self, shape: Sequence[int], dtype: torch.dtype) -> int:

@@ -69,6 +69,16 @@ def build_codec(config: Mapping[str, Any] | str, **params: Any) -> Codec:
     return cls(**kwargs)
 
 
+def as_codec(codec: Codec | Mapping[str, Any]) -> Codec:
+    """``codec`` itself, or the codec a config mapping describes: every integration accepts both
+    (a Codec object from Python, a mapping from a JSON config)."""
+    if isinstance(codec, Codec):
+        return codec
+    if isinstance(codec, Mapping):
+        return build_codec(codec)
+    raise TypeError(f"codec must be a Codec or a codec config mapping, got {type(codec).__name__}")
+
+
 def codec_class_for_packet(packet: torch.Tensor) -> type[Codec]:
     """The codec class that wrote ``packet`` (header validated, checksums included)."""
     header, _ = parse_packet(packet)

@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from gradwire.codec.base import Codec
 from gradwire.comm.errors import CommError, comm_guard
+from gradwire.comm.timeout import wait_all
 from gradwire.numerics.rng import derive_seed
 
 
@@ -40,11 +41,13 @@ def _ensure_checked(codec: Codec, group, device) -> None:
 
 
 def exchange_packets(packets: Sequence[torch.Tensor], group=None, *, sizes_known:
-                     Sequence[int] | None = None) -> list[torch.Tensor]:
+                     Sequence[int] | None = None, max_sizes: Sequence[int] | None = None
+                     ) -> list[torch.Tensor]:
     """All-to-all of byte strings: ``packets[j]`` goes to rank j; returns what each rank sent us.
 
     ``sizes_known``: the sizes we will receive, when the protocol fixes them (fixed-rate codecs);
-    otherwise the sizes are exchanged first (one int64 per pair).
+    otherwise the sizes are exchanged first (one int64 per pair), and ``max_sizes`` (per source
+    rank, e.g. the codec's ``max_packed_size``) bounds them before the receive buffer exists.
     """
     p = dist.get_world_size(group)
     if len(packets) != p:
@@ -55,23 +58,51 @@ def exchange_packets(packets: Sequence[torch.Tensor], group=None, *, sizes_known
         s_in = torch.tensor(send_sizes, dtype=torch.int64, device=device)
         s_out = torch.empty(p, dtype=torch.int64, device=device)
         with comm_guard("all_to_all of packet sizes"):
-            dist.all_to_all_single(s_out, s_in, group=group)
+            work = dist.all_to_all_single(s_out, s_in, group=group, async_op=True)
+        wait_all([work], "all_to_all of packet sizes")  # at most gradwire.timeout
         recv_sizes = [int(v) for v in s_out.tolist()]
+        for r, v in enumerate(recv_sizes):
+            if v < 0 or (max_sizes is not None and v > max_sizes[r]):
+                raise CommError(f"rank {r} announced a packet of {v} bytes; expected 0.."
+                                f"{None if max_sizes is None else max_sizes[r]} (codec mismatch or corrupt stream)")
     else:
         recv_sizes = [int(v) for v in sizes_known]
     out = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=device)
     inp = torch.cat([t.reshape(-1) for t in packets]) if packets else out[:0]
-    with comm_guard(f"all_to_all of packets ({sum(send_sizes)} bytes out)"):
-        dist.all_to_all_single(out, inp, output_split_sizes=recv_sizes,
-                               input_split_sizes=send_sizes, group=group)
+    what = f"all_to_all of packets ({sum(send_sizes)} bytes out)"
+    with comm_guard(what):
+        work = dist.all_to_all_single(out, inp, output_split_sizes=recv_sizes,
+                                      input_split_sizes=send_sizes, group=group, async_op=True)
+    wait_all([work], what)
     return list(torch.split(out, recv_sizes))
 
 
-def all_gather_bytes(data: torch.Tensor, group=None, *, sizes_known: Sequence[int] | None = None
-                     ) -> list[torch.Tensor]:
+def all_gather_bytes(data: torch.Tensor, group=None, *, sizes_known: Sequence[int] | None = None,
+                     max_sizes: Sequence[int] | None = None) -> list[torch.Tensor]:
     """All-gather of one byte string per rank, of possibly unequal sizes, without padding."""
     p = dist.get_world_size(group)
-    return exchange_packets([data] * p, group, sizes_known=sizes_known)
+    return exchange_packets([data] * p, group, sizes_known=sizes_known, max_sizes=max_sizes)
+
+
+MAX_JSON_BYTES = 64 << 20  # per rank, for all_gather_json: telemetry, not tensors
+
+
+def all_gather_json(obj: Any, group=None, *, device=None, max_bytes: int = MAX_JSON_BYTES) -> list[Any]:
+    """Every rank's JSON-able ``obj``, in rank order: UTF-8 JSON through ``all_gather_bytes``.
+
+    Instead of ``dist.all_gather_object``, which unpickles what peers send (a peer could run code
+    in this process); lengths are bounded by ``max_bytes`` before anything is allocated."""
+    import json
+
+    from gradwire.comm.handshake import default_device
+
+    dev = default_device(group) if device is None else torch.device(device)
+    raw = json.dumps(obj).encode("utf-8")
+    if len(raw) > max_bytes:
+        raise ValueError(f"all_gather_json: {len(raw)} bytes exceed max_bytes={max_bytes}")
+    mine = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(dev) if raw else torch.empty(0, dtype=torch.uint8, device=dev)
+    got = all_gather_bytes(mine, group, max_sizes=[max_bytes] * dist.get_world_size(group))
+    return [json.loads(bytes(t.cpu().numpy()).decode("utf-8")) for t in got]
 
 
 def chunk_bounds(n: int, p: int, align: int = 1) -> list[tuple[int, int]]:
@@ -108,13 +139,26 @@ def _expected(codec: Codec, shapes: Sequence[Sequence[int]], dtype) -> list[int]
     return [0 if math.prod(s) == 0 else codec.packed_size(tuple(s), dtype) for s in shapes]
 
 
-def _decode_sum(codec: Codec, packets: Sequence[torch.Tensor], shape, device) -> torch.Tensor:
+def _max_sizes(codec: Codec, shapes: Sequence[Sequence[int]], dtype) -> list[int]:
+    """Upper bounds of the packets of a variable-size codec (one per source rank)."""
+    return [0 if math.prod(s) == 0 else codec.max_packed_size(tuple(s), dtype) for s in shapes]
+
+
+def _decode(codec: Codec, packet: torch.Tensor, shape, src_dtype, out_dtype) -> torch.Tensor:
+    """Decode a packet that must hold a ``src_dtype`` tensor of ``shape``: the header is checked
+    against both before the decode allocates (``codec.header.Expected``)."""
+    from gradwire.codec.header import Expected
+
+    return codec.decode(packet, dtype=out_dtype, expect=Expected(tuple(shape), src_dtype))
+
+
+def _decode_sum(codec: Codec, packets: Sequence[torch.Tensor], shape, device, src_dtype) -> torch.Tensor:
     """float32 sum of the decoded packets, in rank order (the reproducible reduction)."""
     acc = torch.zeros(shape, dtype=torch.float32, device=device)
     for r, pk in enumerate(packets):
         if pk.numel() == 0:
             continue
-        part = codec.decode(pk, dtype=torch.float32)
+        part = _decode(codec, pk, shape, src_dtype, torch.float32)
         if tuple(part.shape) != tuple(shape):
             raise CommError(f"rank {r} sent a chunk of shape {tuple(part.shape)}, expected {tuple(shape)}")
         acc += part
@@ -152,14 +196,17 @@ def compressed_all_reduce(tensor: torch.Tensor, codec: Codec, *, group=None, see
     out1 = [_encode(codec, flat[a:b], derive_seed(seed, 1, me, j), fit) for j, (a, b) in enumerate(bounds)]
     clock.append(time.perf_counter())
     recv_sizes = None if not codec.fixed_rate else [_expected(codec, [shapes[me]], tensor.dtype)[0]] * p
-    got1 = exchange_packets(out1, group, sizes_known=recv_sizes)
+    got1 = exchange_packets(out1, group, sizes_known=recv_sizes,
+                            max_sizes=_max_sizes(codec, [shapes[me]] * p, tensor.dtype))
     clock.append(time.perf_counter())
-    mine = _decode_sum(codec, got1, shapes[me], tensor.device).to(tensor.dtype)
+    mine = _decode_sum(codec, got1, shapes[me], tensor.device, tensor.dtype).to(tensor.dtype)
     pk2 = _encode(codec, mine, derive_seed(seed, 2, me), fit)
     clock.append(time.perf_counter())
-    got2 = all_gather_bytes(pk2, group, sizes_known=_expected(codec, shapes, tensor.dtype))
+    got2 = all_gather_bytes(pk2, group, sizes_known=_expected(codec, shapes, tensor.dtype),
+                            max_sizes=_max_sizes(codec, shapes, tensor.dtype))
     clock.append(time.perf_counter())
-    parts = [codec.decode(pk, dtype=tensor.dtype) if pk.numel() else flat.new_empty(0) for pk in got2]
+    parts = [_decode(codec, pk, s, tensor.dtype, tensor.dtype) if pk.numel() else flat.new_empty(0)
+             for pk, s in zip(got2, shapes)]
     result = torch.cat([q.reshape(-1) for q in parts])[:n].reshape(tensor.shape)
     clock.append(time.perf_counter())
     if trace is not None:
@@ -187,8 +234,9 @@ def compressed_reduce_scatter(tensor: torch.Tensor, codec: Codec, *, group=None,
         _ensure_checked(codec, group, tensor.device)
     slices = list(tensor.detach().chunk(p, dim=0))
     outp = [_encode(codec, s.contiguous(), derive_seed(seed, 1, me, j), fit) for j, s in enumerate(slices)]
-    got = exchange_packets(outp, group, sizes_known=_expected(codec, [slices[me].shape] * p, tensor.dtype))
-    result = _decode_sum(codec, got, slices[me].shape, tensor.device).to(tensor.dtype)
+    got = exchange_packets(outp, group, sizes_known=_expected(codec, [slices[me].shape] * p, tensor.dtype),
+                           max_sizes=_max_sizes(codec, [slices[me].shape] * p, tensor.dtype))
+    result = _decode_sum(codec, got, slices[me].shape, tensor.device, tensor.dtype).to(tensor.dtype)
     if trace is not None:
         trace.update(recv=got, bytes_sent=_sent([t.numel() for t in outp], me) + _size_bytes(codec, p),
                      raw_bytes=(p - 1) * slices[me].numel() * tensor.element_size())
@@ -205,8 +253,9 @@ def compressed_all_gather(tensor: torch.Tensor, codec: Codec, *, group=None, see
     if check_config:
         _ensure_checked(codec, group, tensor.device)
     pk = _encode(codec, tensor.detach().contiguous(), derive_seed(seed, 3, me), fit)
-    got = all_gather_bytes(pk, group, sizes_known=_expected(codec, [tensor.shape] * p, tensor.dtype))
-    parts = [codec.decode(g, dtype=tensor.dtype) for g in got]
+    got = all_gather_bytes(pk, group, sizes_known=_expected(codec, [tensor.shape] * p, tensor.dtype),
+                           max_sizes=_max_sizes(codec, [tensor.shape] * p, tensor.dtype))
+    parts = [_decode(codec, g, tensor.shape, tensor.dtype, tensor.dtype) for g in got]
     if trace is not None:
         trace.update(recv=got, bytes_sent=(p - 1) * pk.numel() + _size_bytes(codec, p),
                      raw_bytes=(p - 1) * tensor.numel() * tensor.element_size())

@@ -64,7 +64,11 @@ def comm_guard(what: str) -> Iterator[None]:
     except RuntimeError as e:
         if not is_peer_failure(e):
             raise CommError(f"{what} failed: {type(e).__name__}: {e}") from e
+        from gradwire.comm.timeout import get_timeout
+
+        t = get_timeout()
+        limit = "the process-group timeout" if t is None else f"gradwire.timeout = {t:g} s"
         raise PeerTimeoutError(
-            f"{what}: a peer did not answer within the process-group timeout or closed its "
-            f"connection (did a rank exit or fail?): {type(e).__name__}: {e}"
+            f"{what}: a peer did not answer within {limit} or closed its "
+            f"connection (did a rank exit, fail or stall?): {type(e).__name__}: {e}"
         ) from e

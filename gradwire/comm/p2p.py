@@ -24,6 +24,8 @@ import torch.distributed as dist
 from gradwire.codec.base import Codec
 from gradwire.comm.errors import CommError, comm_guard
 from gradwire.comm.handshake import check_peer, default_device  # noqa: F401 (re-exported)
+from gradwire.comm import timeout as timed
+from gradwire.comm.timeout import wait_all
 from gradwire.numerics.rng import derive_seed
 
 LENGTH_BYTES = 8  # the int64 length prefix of a variable-size packet
@@ -52,9 +54,7 @@ class PendingOps:
         self._keep = list(keep)
 
     def wait(self) -> torch.Tensor | None:
-        with comm_guard(self._what):
-            for w in self._works:
-                w.wait()
+        wait_all(self._works, self._what)
         self._keep = []
         return self._result
 
@@ -70,11 +70,11 @@ def send_packet(packet: torch.Tensor, dst: int, *, group=None, tag: int = 0,
     if with_length:
         msgs.append(torch.tensor([packet.numel()], dtype=torch.int64, device=packet.device))
     msgs.append(packet)
-    with comm_guard(what):
-        if async_op:
+    if async_op:
+        with comm_guard(what):
             return PendingOps([dist.isend(m, g, group=group, tag=tag) for m in msgs], None, what, msgs)
-        for m in msgs:
-            dist.send(m, g, group=group, tag=tag)
+    for m in msgs:
+        timed.send(m, g, group=group, tag=tag, what=what)  # at most gradwire.timeout
     return None
 
 
@@ -93,23 +93,23 @@ def recv_packet(src: int, *, out: torch.Tensor | None = None, group=None, tag: i
     if out is not None:
         _check_packet(out)
         what = f"receive of a {out.numel()}-byte packet from rank {src}"
-        with comm_guard(what):
-            if async_op:
+        if async_op:
+            with comm_guard(what):
                 return PendingOps([dist.irecv(out, g, group=group, tag=tag)], out, what)
-            dist.recv(out, g, group=group, tag=tag)
+        timed.recv(out, g, group=group, tag=tag, what=what)
         return out
     if async_op:
         raise ValueError("async receive needs a pre-allocated `out` buffer (fixed-size protocol)")
     n = torch.empty(1, dtype=torch.int64, device=device)
-    with comm_guard(f"receive of a packet length from rank {src}"):
-        dist.recv(n, g, group=group, tag=tag)
+    timed.recv(n, g, group=group, tag=tag, what=f"receive of a packet length from rank {src}")
     size = int(n.item())
     if size < 0 or (max_size is not None and size > max_size):
         raise CommError(f"rank {src} announced a packet of {size} bytes; expected 0..{max_size} "
                         f"(codec mismatch or corrupt stream)")
-    buf = torch.empty(size, dtype=torch.uint8, device=device)
-    with comm_guard(f"receive of a {size}-byte packet from rank {src}"):
-        dist.recv(buf, g, group=group, tag=tag)
+    # zeros: a peer that sends fewer bytes than it announced leaves no uninitialised memory in
+    # the packet (whose bytes may end up in a PacketError message)
+    buf = torch.zeros(size, dtype=torch.uint8, device=device)
+    timed.recv(buf, g, group=group, tag=tag, what=f"receive of a {size}-byte packet from rank {src}")
     return buf
 
 
@@ -124,7 +124,8 @@ class PacketChannel:
     """
 
     def __init__(self, codec: Codec, peer: int, *, group=None, tag: int = 0, base_seed: int = 0,
-                 boundary_id: int = 0, device: torch.device | str | None = None):
+                 boundary_id: int = 0, device: torch.device | str | None = None,
+                 settings: dict | None = None):
         if not isinstance(codec, Codec):
             raise TypeError(f"codec must be a gradwire Codec, got {type(codec).__name__}")
         if not isinstance(peer, int) or peer < 0:
@@ -134,6 +135,7 @@ class PacketChannel:
         # None: the group backend's device (CUDA under NCCL, CPU under gloo), see default_device
         self.device = default_device(group) if device is None else torch.device(device)
         self._checked = False
+        self.settings = dict(settings or {})  # more values both ends must agree on (handshake)
         self._buf: torch.Tensor | None = None
         self.bytes_sent = 0  # packet bytes (plus length prefixes) this rank put on the wire
         self.bytes_received = 0
@@ -142,7 +144,7 @@ class PacketChannel:
     def handshake(self) -> None:
         """Swap config fingerprints with the peer now (otherwise done at the first exchange)."""
         if not self._checked:
-            check_peer(self.codec, self.peer, self.group, self.device)
+            check_peer(self.codec, self.peer, self.group, self.device, settings=self.settings)
             self._checked = True
 
     def seed(self, step: int) -> int:
@@ -174,8 +176,12 @@ class PacketChannel:
         return packet
 
     def recv(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-        """Receive and decode the next tensor of ``shape``/``dtype``; checks the decoded shape."""
-        out = self.codec.decode(self.recv_packet(shape, dtype), dtype=dtype)
+        """Receive and decode the next tensor of ``shape``/``dtype``: the packet's header is
+        checked against them before the decode allocates (``codec.header.Expected``)."""
+        from gradwire.codec.header import Expected
+
+        expect = Expected(tuple(shape), dtype)
+        out = self.codec.decode(self.recv_packet(shape, dtype), dtype=dtype, expect=expect)
         if tuple(out.shape) != tuple(shape):
             raise CommError(f"rank {self.peer} sent a tensor of shape {tuple(out.shape)}, "
                             f"expected {tuple(shape)}")

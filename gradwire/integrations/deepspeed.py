@@ -52,6 +52,8 @@ def _registry_config(spec: CodecSpec) -> dict[str, Any]:
     d = spec.to_dict()
     d.pop("heterogeneous", None)  # an allocation policy across boundaries, not a codec parameter
     d.pop("min_cosine", None)  # a policy cap (BoundaryPolicy), not a codec parameter
+    if d.get("name") == "nm":  # for communication, blocks over the flattened tensor: any shape
+        d["dim"] = None
     return d
 
 
@@ -135,6 +137,10 @@ class GradwirePipelineEngine(_PipelineEngine):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         cfg = self.gradwire_config
+        if cfg.timeout is not None:  # every gradwire wait of this process (comm.timeout)
+            from gradwire.comm.timeout import set_timeout
+
+            set_timeout(cfg.timeout)
         cfg.check_boundaries(self.num_stages)
         check_heterogeneous(cfg, self.num_stages)
         self.wire_log = WireLog()
@@ -158,12 +164,16 @@ class GradwirePipelineEngine(_PipelineEngine):
         self.gradwire_dp_bytes = {"sent": 0, "raw": 0}
 
     def _gw_handshake(self, policy, peer):
-        # Both ends swap codec fingerprints before the first packet (comm.handshake): a rank
-        # started with another config fails with both configs in the message.
+        # Both ends swap fingerprints before the first packet (comm.handshake): the codec config
+        # and everything else that sizes a gradient packet (warm-up steps, micro-batch size, the
+        # gradients' dtype), so a rank started with another config fails naming the setting.
         if peer not in self._gw_checked:
             from gradwire.comm.handshake import check_peer
 
-            check_peer(policy.codec, peer, device=self.device)
+            settings = {**policy.wire_settings(),
+                        "train_micro_batch_size_per_gpu": self.train_micro_batch_size_per_gpu(),
+                        "fp16": bool(self.fp16_enabled()), "bf16": bool(self.bfloat16_enabled())}
+            check_peer(policy.codec, peer, device=self.device, settings=settings)
             self._gw_checked.add(peer)
 
     # -- the two gradient instructions ------------------------------------------------------
@@ -237,6 +247,7 @@ class GradwirePipelineEngine(_PipelineEngine):
             like += [(t.shape, t.dtype) for t in outputs[2:] if t.is_floating_point()]
         else:
             like = [(t.shape, t.dtype) for t in outputs if t.is_floating_point()]
+        from gradwire.codec.header import Expected
         from gradwire.comm.p2p import LENGTH_BYTES, recv_packet
 
         policy, peer = self._gw_recv
@@ -258,7 +269,8 @@ class GradwirePipelineEngine(_PipelineEngine):
                 packet = recv_packet(peer, device=self.device,
                                      max_size=policy.max_packed_size(shape, dtype, step))
                 self.gradwire_bytes_received += packet.numel() + LENGTH_BYTES
-            g = policy.decode(packet, dtype=dtype)
+            # The header must describe this very gradient before the decode allocates anything.
+            g = policy.decode(packet, dtype=dtype, expect=Expected(tuple(shape), dtype))
             if tuple(g.shape) != tuple(shape):
                 raise RuntimeError(f"gradwire: stage {self.next_stage} sent a gradient of shape "
                                    f"{tuple(g.shape)}, expected {tuple(shape)}")

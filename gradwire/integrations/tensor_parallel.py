@@ -21,13 +21,14 @@ agree), and every rank decodes the same packets, so replicated gradients are bit
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from gradwire.codec.base import Codec
+from gradwire.codec.registry import as_codec
 from gradwire.comm.collectives import (compressed_all_gather, compressed_all_reduce,
                                        compressed_reduce_scatter)
 from gradwire.numerics.rng import derive_seed
@@ -36,10 +37,9 @@ from gradwire.numerics.rng import derive_seed
 class TPComm:
     """What the autograd Functions need: codec, group, seed schedule, counters, trace."""
 
-    def __init__(self, codec: Codec, group=None, base_seed: int = 0, layer_id: int = 0,
+    def __init__(self, codec: Codec | Mapping[str, Any], group=None, base_seed: int = 0, layer_id: int = 0,
                  keep_trace: bool = False):
-        if not isinstance(codec, Codec):
-            raise TypeError(f"codec must be a gradwire Codec, got {type(codec).__name__}")
+        codec = as_codec(codec)  # a Codec or a config mapping
         self.codec, self.group, self.base_seed, self.layer_id = codec, group, base_seed, layer_id
         self.step = 0  # incremented by the layer at each backward
         self.keep_trace = keep_trace
@@ -146,7 +146,7 @@ class ColumnParallelLinear(nn.Module):
     ``weight``/``bias``: the full (unsharded) initial values, identical on every rank.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, codec: Codec, *, group=None,
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, codec: Codec | Mapping[str, Any], *, group=None,
                  sequence_parallel: bool = False, gather_output: bool = False, base_seed: int = 0,
                  layer_id: int = 0, keep_trace: bool = False):
         super().__init__()
@@ -186,7 +186,7 @@ class RowParallelLinear(nn.Module):
     """y = sum_r x_r W_r^T + b, W split along the input features; x arrives split (e.g. the
     output of a ColumnParallelLinear). The bias is added once, after the reduction."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, codec: Codec, *, group=None,
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, codec: Codec | Mapping[str, Any], *, group=None,
                  sequence_parallel: bool = False, base_seed: int = 0, layer_id: int = 0,
                  keep_trace: bool = False):
         super().__init__()
@@ -204,7 +204,7 @@ class RowParallelLinear(nn.Module):
         return y + self.bias if self.bias is not None else y
 
 
-def compressed_colwise_parallel(codec: Codec, *, base_seed: int = 0, layer_id: int = 0,
+def compressed_colwise_parallel(codec: Codec | Mapping[str, Any], *, base_seed: int = 0, layer_id: int = 0,
                                 keep_trace: bool = False) -> Any:
     """A DTensor ``ColwiseParallel`` style whose backward input-gradient all-reduce is
     compressed: the module's plain input goes through ``CopyToTensorParallel`` before it is
@@ -230,7 +230,7 @@ class CompressedColwiseParallel(ColwiseParallel):
     performs the compressed all-reduce.
     """
 
-    def __init__(self, codec: Codec, *, base_seed: int = 0, layer_id: int = 0, keep_trace: bool = False):
+    def __init__(self, codec: Codec | Mapping[str, Any], *, base_seed: int = 0, layer_id: int = 0, keep_trace: bool = False):
         super().__init__()
         self._codec, self._seed, self._layer_id, self._keep = codec, base_seed, layer_id, keep_trace
         self.comm: TPComm | None = None

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import math
 import numbers
 from dataclasses import dataclass
 
@@ -317,6 +318,29 @@ def decode_codes(codes: torch.Tensor, fmt: FPFormat, *, scale_exp: int = 0) -> t
     return (values.double() * 2.0**-scale_exp).to(torch.float32)
 
 
+def saturating_cast(y: torch.Tensor, dtype: torch.dtype, *, inf_is_overflow: bool = False) -> torch.Tensor:
+    """``y.to(dtype)``, except that a finite value lands finite: beyond ``finfo(dtype).max`` it
+    saturates to ``+-finfo(dtype).max`` instead of becoming inf. NaN passes through, and so does
+    +-inf unless ``inf_is_overflow`` (FP codes carry every non-finite input as NaN, so an inf in
+    their decoded values is an overflow of ``value * 2**-scale_exp``, and saturates too).
+
+    Why: a finite gradient must arrive finite (an inf would make the loss scaler skip the step).
+    Rounding near a dtype's top can land above its largest finite value (stochastic rounding up
+    of fp16 61000 in FP6; float32 max rounded to bf16), and saturating there is the one bias this
+    introduces: only for values within one grid step of the dtype's largest finite value.
+    """
+    big = torch.finfo(dtype).max
+    own = torch.finfo(y.dtype).max
+    if inf_is_overflow:
+        cap = min(big, own)
+        y = torch.nan_to_num(y, nan=math.nan, posinf=cap, neginf=-cap)
+    if own > big:
+        if y.element_size() < 4:  # bf16 cannot hold fp16's 65504: clamp where it is exact
+            y = y.float()
+        y = torch.where(torch.isfinite(y), y.clamp(-big, big), y)
+    return y.to(dtype)
+
+
 def quantize(
     x: torch.Tensor,
     fmt: FPFormat,
@@ -327,6 +351,7 @@ def quantize(
     offset: int = 0,
 ) -> torch.Tensor:
     """``decode_codes(encode_codes(x, ...))`` cast to ``x.dtype`` (exact whenever the format's
-    values scaled by ``2**-scale_exp`` are representable in that dtype)."""
+    values scaled by ``2**-scale_exp`` are representable in that dtype); finite values beyond
+    the dtype's range saturate at its largest finite value (``saturating_cast``)."""
     codes = encode_codes(x, fmt, rounding, scale_exp=scale_exp, seed=seed, offset=offset)
-    return decode_codes(codes, fmt, scale_exp=scale_exp).to(x.dtype)
+    return saturating_cast(decode_codes(codes, fmt, scale_exp=scale_exp), x.dtype, inf_is_overflow=True)

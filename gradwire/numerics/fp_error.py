@@ -46,7 +46,7 @@ import math
 
 import numpy as np
 import torch
-from scipy.special import ndtr
+from scipy.special import log_ndtr, ndtr
 
 from gradwire.numerics.fp import FPFormat, Rounding, _as_rounding, quantize
 
@@ -71,12 +71,45 @@ def _phi_between(za: np.ndarray, zb: np.ndarray) -> np.ndarray:
     return np.where(upper, ndtr(-za) - ndtr(-zb), ndtr(zb) - ndtr(za))
 
 
+def _log_phi_between(za: np.ndarray, zb: np.ndarray) -> np.ndarray:
+    """log(Phi(zb) - Phi(za)) for za <= zb (-inf where the difference is 0), from log_ndtr, so
+    that it stays accurate where Phi itself underflows (|z| > ~38)."""
+    upper = za > 0
+    hi = np.where(upper, log_ndtr(-za), log_ndtr(zb))  # log of the larger term
+    lo = np.where(upper, log_ndtr(-zb), log_ndtr(za))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = hi + np.log1p(-np.exp(lo - hi))
+    return np.where(np.isneginf(hi) | (lo >= hi), -np.inf, out)
+
+
+# Above this the prefactor exp(k m + k^2 s^2 / 2) overflows float64 (exp(709.78) is the largest).
+_MAX_LOG_PREFACTOR = 700.0
+
+
 def _partial_moment(k: int, a: np.ndarray, b: np.ndarray, m: float, s: float) -> np.ndarray:
-    """E[y**k ; a < y < b] for ln y ~ N(m, s**2); a may be 0 and b may be inf."""
+    """E[y**k ; a < y < b] for ln y ~ N(m, s**2); a may be 0 and b may be inf.
+
+    The prefactor exp(k m + k^2 s^2 / 2) overflows for wide spreads (s ~ 37, i.e. a log2 spread of
+    ~47 binades: a tensor holding 1.0 and 1e-40), although the moment itself is bounded by
+    max(a**k, b**k): the Phi difference is then astronomically small. There the product is
+    evaluated in log space; elsewhere the direct form is kept (its values, and so every format
+    and scale choice made before, are unchanged bit for bit).
+    """
     with np.errstate(divide="ignore"):
         za = (np.log(a) - m) / s
         zb = (np.log(b) - m) / s
-    return math.exp(k * m + 0.5 * k * k * s * s) * _phi_between(za - k * s, zb - k * s)
+    log_pre = k * m + 0.5 * k * k * s * s
+    if log_pre <= _MAX_LOG_PREFACTOR:
+        return math.exp(log_pre) * _phi_between(za - k * s, zb - k * s)
+    with np.errstate(over="ignore"):  # only E[1/y ; 0 < y < b] can be infinite: see _times
+        return np.exp(log_pre + _log_phi_between(za - k * s, zb - k * s))
+
+
+def _times(coef: np.ndarray, moment: np.ndarray) -> np.ndarray:
+    """coef * moment, 0 where coef is 0: the cell [0, g1] weighs E[1/y ; 0 < y < .] by lo = 0,
+    and that moment overflows to inf for very wide spreads (0 * inf would be NaN)."""
+    with np.errstate(invalid="ignore"):
+        return np.where(coef == 0, 0.0, coef * moment)
 
 
 def expected_relative_error(
@@ -102,13 +135,13 @@ def expected_relative_error(
     lo, hi = g[:-1], g[1:]
     if rounding is Rounding.NEAREST_EVEN:
         c = 0.5 * (lo + hi)
-        down = _partial_moment(0, lo, c, m, s) - lo * _partial_moment(-1, lo, c, m, s)
+        down = _partial_moment(0, lo, c, m, s) - _times(lo, _partial_moment(-1, lo, c, m, s))
         up = hi * _partial_moment(-1, c, hi, m, s) - _partial_moment(0, c, hi, m, s)
         cells = down + up
     else:
         cells = (2.0 / (hi - lo)) * (
             (hi + lo) * _partial_moment(0, lo, hi, m, s)
-            - hi * lo * _partial_moment(-1, lo, hi, m, s)
+            - _times(hi * lo, _partial_moment(-1, lo, hi, m, s))
             - _partial_moment(1, lo, hi, m, s)
         )
     top = np.array([g[-1]])

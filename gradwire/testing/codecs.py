@@ -21,12 +21,18 @@ def _header(magic: bytes, version: int, x: torch.Tensor) -> bytes:
     return _HEAD.pack(magic, version, _DTYPES.index(x.dtype), x.dim()) + struct.pack(f"<{x.dim()}q", *x.shape)
 
 
-def _parse(magic: bytes, version: int, packet: torch.Tensor) -> tuple[torch.dtype, tuple, int]:
+def _parse(magic: bytes, version: int, packet: torch.Tensor, expect=None) -> tuple[torch.dtype, tuple, int]:
     raw = bytes(packet[: _HEAD.size].tolist())
     m, v, d, nd = _HEAD.unpack(raw)
     if m != magic or v != version:
         raise ValueError(f"packet magic/version {m!r}/{v} does not match {magic!r}/{version}")
     shape = struct.unpack(f"<{nd}q", bytes(packet[_HEAD.size: _HEAD.size + 8 * nd].tolist()))
+    if expect is not None and (tuple(shape) != expect.shape or _DTYPES[d] != expect.dtype):
+        # checked before allocating, as the production codecs do (codec.header.Expected)
+        from gradwire.codec.header import PacketError
+
+        raise PacketError(f"packet holds {_DTYPES[d]} {tuple(shape)}, receiver expects "
+                          f"{expect.dtype} {expect.shape}")
     return _DTYPES[d], shape, _HEAD.size + 8 * nd
 
 
@@ -49,8 +55,8 @@ class CastCodec(Codec):
         head = torch.tensor(list(_header(b"GWTC", self.version, x)), dtype=torch.uint8, device=x.device)
         return torch.cat([head, payload])
 
-    def decode(self, packet, *, dtype=None):
-        src, shape, off = _parse(b"GWTC", self.version, packet)
+    def decode(self, packet, *, dtype=None, expect=None):
+        src, shape, off = _parse(b"GWTC", self.version, packet, expect)
         vals = packet[off:].clone().view(torch.bfloat16)
         return vals.reshape(shape).to(dtype or src)
 
@@ -81,8 +87,8 @@ class ThresholdCodec(Codec):
         head = torch.tensor(list(_header(b"GWTT", 1, x)), dtype=torch.uint8, device=x.device)
         return torch.cat([head, idx.view(torch.uint8), flat[idx].contiguous().view(torch.uint8)])
 
-    def decode(self, packet, *, dtype=None):
-        src, shape, off = _parse(b"GWTT", 1, packet)
+    def decode(self, packet, *, dtype=None, expect=None):
+        src, shape, off = _parse(b"GWTT", 1, packet, expect)
         body = packet[off:].clone()
         k = body.numel() // 12
         idx = body[: 8 * k].view(torch.int64)

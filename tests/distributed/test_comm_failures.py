@@ -92,7 +92,13 @@ def test_comm_guard_classifies_backend_errors():
 
 
 def _dead_peer_worker(rank, world, case):
-    """Rank ``world-1`` exits right after the process group is up; the others must raise."""
+    """Rank ``world-1`` exits once the process group is up; the others must raise.
+
+    The barrier first: gloo connects its full mesh lazily, and a victim that exited before that
+    made ``init_process_group``/the first op fail with "connectFullMesh failed ... Connection
+    closed by peer" on some runs (1 in 6), outside the exchange under test. After the barrier
+    every pair is connected, so the victim dies exactly where the test says."""
+    dist.barrier()
     if rank == world - 1:
         os._exit(0)
     t0 = time.monotonic()

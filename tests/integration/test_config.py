@@ -88,7 +88,7 @@ def test_topology_errors_say_what_to_change():
     check_topology(world_size=4, num_stages=2, num_layers=6)
     with pytest.raises(ConfigError, match=r"3 pipeline stages .* does not divide the 2 ranks.*\[1, 2\]"):
         check_topology(world_size=2, num_stages=3, num_layers=6)
-    with pytest.raises(ConfigError, match=r"need at least 8 layers.*raise --layers or lower --stages"):
+    with pytest.raises(ConfigError, match=r"need at least 8 layers.*raise --depth or lower --stages"):
         check_topology(world_size=1, num_stages=8, num_layers=6)
 
 

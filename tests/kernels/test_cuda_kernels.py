@@ -94,3 +94,55 @@ def test_prune_and_nm_bit_exact(dtype):
         v, i = ops.nm_select(xb.cuda(), scheme, seed=5, offset=2**32 - 3)
         rv, ri = fn(xb, seed=5, offset=2**32 - 3)
         assert torch.equal(i.cpu(), ri) and bits_equal(v.cpu(), rv), scheme
+
+
+ODD_SIZES = (1, 7, 9, 31, 33, 4099, 65537)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16))
+def test_fp_odd_sizes_bit_exact(fmt, dtype):
+    """Partial groups of 8 and partial quads of 32 take the byte-store tail of the encode."""
+    for n in ODD_SIZES:
+        x = lognormal_sample(n, seed=n, dtype=dtype)
+        for rounding in Rounding:
+            packed, stats = ops.fp_encode(x.cuda(), fmt, rounding, scale_exp=2, seed=n, offset=5)
+            codes = encode_codes(x, fmt, rounding, scale_exp=2, seed=n, offset=5)
+            assert torch.equal(packed.cpu(), ops.REFERENCES["pack_bits"](codes, fmt.bits)), (n, rounding)
+            y = ops.fp_decode(packed, n, fmt, scale_exp=2, dtype=dtype)
+            assert bits_equal(y.cpu(), decode_codes(codes, fmt, scale_exp=2).to(dtype)), n
+        ref = lognormal.moment_stats(x)
+        torch.testing.assert_close(stats.cpu()[[0, 3, 4]], ref[[0, 3, 4]], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16))
+def test_prune_nm_stats_odd_sizes_bit_exact(dtype):
+    from gradwire.numerics import nm, pruning
+
+    for n in ODD_SIZES:
+        x = lognormal_sample(4 * n, seed=n, dtype=dtype)
+        got = ops.stochastic_prune(x[: n].cuda(), 2.0**-5, seed=1, offset=n)
+        assert bits_equal(got.cpu(), pruning.stochastic_prune(x[:n], 2.0**-5, seed=1, offset=n)), n
+        ref = lognormal.moment_stats(x[:n])
+        got_stats = ops.moment_stats(x[:n].cuda()).cpu()
+        torch.testing.assert_close(got_stats[[0, 3, 4]], ref[[0, 3, 4]], rtol=0, atol=0)
+        torch.testing.assert_close(got_stats[1:3], ref[1:3], rtol=1e-6, atol=1e-6)
+        for scheme, m, fn in (("mvue_12", 2, nm.mvue_12_select), ("mvue_24_exact", 4, nm.mvue_24_exact_select),
+                              ("mvue_24_approx", 4, nm.mvue_24_approx_select)):
+            xb = x[: m * n].reshape(n, m)  # an odd number of blocks
+            v, i = ops.nm_select(xb.cuda(), scheme, seed=n, offset=3)
+            rv, ri = fn(xb, seed=n, offset=3)
+            assert torch.equal(i.cpu(), ri) and bits_equal(v.cpu(), rv), (scheme, n)
+
+
+def test_outputs_stay_on_the_current_stream():
+    """The kernels launch on torch's current stream: work queued on a side stream is ordered."""
+    x = lognormal_sample(1 << 20, seed=3, dtype=torch.bfloat16).cuda()
+    fmt = FPFormat(4, 1)
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        y = x * 1.0  # same values, produced on the side stream
+        packed, _ = ops.fp_encode(y, fmt, "stochastic", seed=9)
+    s.synchronize()
+    codes = encode_codes(x.cpu(), fmt, "stochastic", seed=9)
+    assert torch.equal(packed.cpu(), ops.REFERENCES["pack_bits"](codes, fmt.bits))

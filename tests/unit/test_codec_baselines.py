@@ -99,3 +99,18 @@ def test_bad_input_and_mismatch():
         FP8E5M2Codec().decode(c.encode(torch.ones(3)))
     with pytest.raises(PacketError, match="codec_id"):
         IdentityCodec().decode(BF16Codec().encode(torch.ones(3)))
+
+
+def test_cast_codecs_send_one_nan_pattern():
+    """Packets do not depend on the NaN bits a cast happens to write (CPU and CUDA casts differ):
+    every NaN crosses as the positive quiet NaN of the wire dtype."""
+    from gradwire.codec import build_codec
+
+    a = torch.tensor([1.0, 2.0, float("nan"), 4.0])
+    b = a.clone()
+    b.view(torch.int32)[2] = -4194303  # 0xFFC00001: a negative NaN with a payload
+    for cfg in ({"name": "bf16"}, {"name": "nm", "n": 1, "m": 2}, {"name": "nm", "n": 2, "m": 4}):
+        codec = build_codec(cfg)
+        x16 = a.to(torch.float16) if cfg["name"] == "nm" else a
+        y16 = b.to(torch.float16) if cfg["name"] == "nm" else b
+        assert torch.equal(codec.encode(x16, seed=1), codec.encode(y16, seed=1)), cfg

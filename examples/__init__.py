@@ -1,0 +1,1 @@
+"""Runnable examples (each also a function the tests call on 2 gloo ranks)."""
