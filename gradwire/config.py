@@ -35,7 +35,9 @@ Codecs (``name`` and their keys):
   minimises Eq. 4 of paper 001 for the measured sigma), ``rounding`` ("stochastic" | "nearest").
 * ``prune``: stochastic pruning (paper 001, Eq. 5/8): ``sparsity`` in (0, 1),
   ``heterogeneous`` (bool: per-boundary sparsities from the cosine-similarity allocation with the
-  element-weighted mean at ``sparsity``).
+  element-weighted mean at ``sparsity``), ``min_cosine`` (optional, in (0, 1]: at every refresh
+  the sparsity is lowered to keep at least this expected cosine on the measured gradient;
+  ``policy.BoundaryPolicy``, "Pruning regime").
 * ``nm``: N:M sparsity (paper 004): ``n``, ``m`` (n < m, m in {2, 4, 8}), ``method``
   ("mvue" | "mvue_approx" | "greedy"; MVUE exists for 1:2 and 2:4), ``value_bits`` (optional: FP
   bits of the kept values, e.g. 8; default: the source dtype).
@@ -92,7 +94,7 @@ CODEC_KEYS: dict[str, tuple[str, ...]] = {
     "none": ("name",),
     "bf16": ("name",),
     "fp": ("name", "bits", "exp_bits", "rounding"),
-    "prune": ("name", "sparsity", "heterogeneous"),
+    "prune": ("name", "sparsity", "heterogeneous", "min_cosine"),
     "nm": ("name", "n", "m", "method", "value_bits"),
 }
 ROUNDINGS = ("stochastic", "nearest")
@@ -111,6 +113,7 @@ class CodecSpec:
     rounding: str = "stochastic"
     sparsity: float | None = None
     heterogeneous: bool = False
+    min_cosine: float | None = None
     n: int | None = None
     m: int | None = None
     method: str = "mvue"
@@ -122,7 +125,8 @@ class CodecSpec:
         if self.name == "fp":
             return f"fp{self.bits}" + (f"(e{self.exp_bits})" if self.exp_bits is not None else "")
         if self.name == "prune":
-            return f"prune{self.sparsity:g}" + ("-hetero" if self.heterogeneous else "")
+            return (f"prune{self.sparsity:g}" + ("-hetero" if self.heterogeneous else "")
+                    + (f"-cos{self.min_cosine:g}" if self.min_cosine is not None else ""))
         if self.name == "nm":
             vb = f"+fp{self.value_bits}" if self.value_bits else ""
             return f"nm{self.n}:{self.m}-{self.method}{vb}"
@@ -160,7 +164,11 @@ def parse_codec(d: Mapping[str, Any], where: str = "gradwire.codec") -> CodecSpe
         het = d.get("heterogeneous", False)
         if not isinstance(het, bool):
             raise ConfigError(f"{where}.heterogeneous must be true or false, got {het!r}")
-        return CodecSpec(name=name, sparsity=float(s), heterogeneous=het)
+        mc = d.get("min_cosine")
+        if mc is not None and (isinstance(mc, bool) or not isinstance(mc, (int, float)) or not 0.0 < mc <= 1.0):
+            raise ConfigError(f"{where}.min_cosine must be a number in (0, 1], e.g. 0.9, got {mc!r}")
+        return CodecSpec(name=name, sparsity=float(s), heterogeneous=het,
+                         min_cosine=None if mc is None else float(mc))
     if name == "nm":
         n = _int(f"{where}.n", d.get("n", 1), 1)
         m = _int(f"{where}.m", d.get("m", 2), 2)

@@ -22,12 +22,23 @@ Heterogeneous sparsity (paper 001 Sec. 5.3): ``allocate_heterogeneous(policies, 
 each pruning boundary its own sparsity so that the element-weighted mean meets the budget while
 the expected pruning cosines are equalised (``numerics.lognormal.allocate_sparsity``).
 
+Pruning regime (issue 17): stochastic pruning is cheap only where |g| is wide (sigma(log2|g|)
+>= ~3, paper 001 Table 2); on near-Gaussian gradients (sigma(log2|g|) ~ 1.6, e.g. a transformer's
+residual stream) 80% pruning keeps a cosine of ~0.55 and costs training loss. At every refresh a
+prune boundary computes, on the tensor in hand, the exact expected cosine of its pruning at the
+configured sparsity (``numerics.pruning_regime.expected_cosine``, no distributional assumption).
+Below ``warn_cosine`` (default 0.9) it warns once (``PruningRegimeWarning``); with ``min_cosine``
+set it also lowers the sparsity, until the next refresh, to the largest one that keeps that cosine
+(and returns to the configured one when the gradients allow it). ``events`` lists the checks.
+
 Counters (``telemetry()``): raw bytes, bytes sent, steps, and, every ``sample_every`` steps, the
 relative error, the cosine similarity and the achieved sparsity of the decoded tensor.
 """
 from __future__ import annotations
 
+import copy
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -51,6 +62,16 @@ def _identity() -> Codec:
     return IdentityCodec()
 
 
+def _check_cosine(where: str, v) -> None:
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v <= 1.0):
+        raise ValueError(f"{where} must be None or a number in (0, 1], got {v!r}")
+
+
+class PruningRegimeWarning(UserWarning):
+    """Stochastic pruning at the configured sparsity loses more than ``warn_cosine`` allows on
+    the gradients this boundary actually carries."""
+
+
 @dataclass(frozen=True)
 class PolicyConfig:
     """Configuration of one boundary.
@@ -62,6 +83,9 @@ class PolicyConfig:
     ``sample_every``: every how many steps to measure error/cosine/sparsity (0: never; costs a
     decode on the sender).
     ``base_seed``/``boundary_id``: step ``s`` encodes with ``derive_seed(base_seed, s, boundary_id)``.
+    ``warn_cosine``: prune codecs warn once when the expected cosine at the configured sparsity
+    falls below it (None: never). ``min_cosine``: prune codecs lower their sparsity to keep at
+    least this expected cosine (None: never; module docstring, "Pruning regime").
     """
 
     codec: Any = field(default_factory=lambda: {"name": "fp", "bits": 6})
@@ -71,6 +95,8 @@ class PolicyConfig:
     sample_every: int = 0
     base_seed: int = 0
     boundary_id: int = 0
+    warn_cosine: float | None = 0.9
+    min_cosine: float | None = None
 
     def __post_init__(self):
         for name, lo in (("warmup_steps", 0), ("refresh_every", 1), ("stats_every", 1), ("sample_every", 0),
@@ -82,6 +108,8 @@ class PolicyConfig:
             raise ValueError(f"PolicyConfig.stats_every ({self.stats_every}) must be <= refresh_every "
                              f"({self.refresh_every}): otherwise some refreshes would have no statistics")
         check_seed(self.base_seed)
+        for name in ("warn_cosine", "min_cosine"):
+            _check_cosine(f"PolicyConfig.{name}", getattr(self, name))
         if not isinstance(self.codec, (Mapping, Codec)):
             raise TypeError(f"PolicyConfig.codec must be a codec config mapping or a Codec, "
                             f"got {type(self.codec).__name__}")
@@ -105,6 +133,11 @@ class BoundaryPolicy:
         self._last_refresh: int | None = None
         self.fit = None  # running LognormalFit (None until the first refresh with data)
         self.last_numel = 0
+        self.min_cosine = config.min_cosine
+        self.target_sparsity = getattr(self.codec, "sparsity", None)  # configured (before any cap)
+        self.events: list[dict[str, Any]] = []  # pruning-regime checks, one per refresh
+        self._warned = False
+        self._regime_step: int | None = None
         self.counters: dict[str, float] = dict(steps=0, warmup_steps=0, raw_bytes=0, sent_bytes=0,
                                                samples=0, rel_error_sum=0.0, cosine_sum=0.0,
                                                sparsity_sum=0.0, refreshes=0)
@@ -189,6 +222,9 @@ class BoundaryPolicy:
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be an int >= 0, got {step!r}")
         self._maybe_refresh(step)
+        if self._last_refresh == step and self._regime_step != step and not self.in_warmup(step):
+            self._regime_step = step
+            self._check_regime(x, step)
         codec = self.codec_at(step)
         if self.collects_stats(step):
             packet, stats = self._encode_with_stats(codec, x, self.seed(step))
@@ -229,6 +265,60 @@ class BoundaryPolicy:
         c["cosine_sum"] += (x @ y).item() / (nx * ny) if nx > 0 and ny > 0 else 1.0
         c["sparsity_sum"] += (y == 0).double().mean().item() if y.numel() else 0.0
 
+    # --- pruning regime (module docstring)
+    def _prunes(self) -> bool:
+        from gradwire.codec.prune import PruneCodec
+
+        return isinstance(self.codec, PruneCodec) and self.target_sparsity is not None
+
+    def _with_sparsity(self, s: float) -> Codec:
+        c = copy.copy(self.codec)  # keeps the codec's class and every other setting
+        c.sparsity = float(s)
+        return c
+
+    def _check_regime(self, x: torch.Tensor, step: int) -> None:
+        if not self._prunes() or self.target_sparsity == 0 or x.numel() == 0:
+            return
+        from gradwire.numerics.pruning_regime import expected_cosine, max_sparsity_for_cosine
+
+        x = x.detach().float().cpu()  # one host copy per refresh (every refresh_every steps)
+        fit = self.fit
+        if fit is None or not fit.usable:  # first refresh before any statistics: fit the tensor itself
+            from gradwire.numerics.lognormal import fit_lognormal
+
+            fit = fit_lognormal(x)
+
+        def threshold(s: float) -> float:
+            return self._with_sparsity(s).threshold(x, fit)
+
+        target = self.target_sparsity
+        cos = expected_cosine(x, threshold(target))
+        event = {"step": step, "sigma_log2": fit.sigma_log2,
+                 "sparsity": target, "expected_cosine": cos, "applied_sparsity": target}
+        warn, floor = self.config.warn_cosine, self.min_cosine
+        if floor is not None:
+            s = max_sparsity_for_cosine(x, threshold, target, floor)
+            event["applied_sparsity"] = s
+            if s != self.codec.sparsity:
+                self.codec = self._with_sparsity(s)
+        if warn is not None and cos < warn and not self._warned:
+            self._warned = True
+            sig = event["sigma_log2"]
+            what = (f"the sparsity is capped at {event['applied_sparsity']:.3f} to keep min_cosine {floor}"
+                    if floor is not None else
+                    "expect a training-loss gap; set min_cosine to cap the sparsity, or prune less")
+            warnings.warn(PruningRegimeWarning(
+                f"boundary {self.config.boundary_id}: stochastic pruning at sparsity {target:g} keeps an "
+                f"expected cosine of only {cos:.3f} on this gradient (sigma(log2|g|) = {sig:.2f}; pruning is "
+                f"cheap where the distribution is wide, sigma >= ~3, and near-Gaussian gradients have ~1.6): "
+                f"{what}. (Warned once per boundary; policy.events has every check.)"), stacklevel=3)
+        self.events.append(event)
+
+    def set_min_cosine(self, min_cosine: float | None) -> None:
+        """Cap (or, with None, stop capping) the sparsity at an expected cosine floor."""
+        _check_cosine("min_cosine", min_cosine)
+        self.min_cosine = min_cosine
+
     def set_sparsity(self, sparsity: float) -> None:
         """Rebuild a pruning codec at a new sparsity (heterogeneous allocation). The receiver's
         decode does not depend on it (the threshold travels in the header)."""
@@ -237,6 +327,7 @@ class BoundaryPolicy:
             raise TypeError(f"set_sparsity needs a 'prune' codec, this boundary has {cfg}")
         cfg = {**cfg, "name": "prune", "sparsity": float(sparsity)}
         self.codec = _build(cfg)
+        self.target_sparsity = float(sparsity)
 
     def telemetry(self) -> dict[str, Any]:
         """Counters plus derived ratios and the current fit."""
@@ -248,7 +339,8 @@ class BoundaryPolicy:
                  sparsity=c["sparsity_sum"] / n if n else math.nan,
                  mu_log2=self.fit.mu_log2 if self.fit else math.nan,
                  sigma_log2=self.fit.sigma_log2 if self.fit else math.nan,
-                 codec=self.codec.config(), boundary_id=self.config.boundary_id)
+                 codec=self.codec.config(), boundary_id=self.config.boundary_id,
+                 expected_cosine=self.events[-1]["expected_cosine"] if self.events else math.nan)
         return c
 
 

@@ -51,7 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--tp", type=int, default=None,
                    help="tensor-parallel ranks per stage (default: gradwire.tensor_parallel.size, else 1)")
     p.add_argument("--data", default=None, help="a UTF-8 text file (character level) instead of "
-                   "the embedded Markov language")
+                   "the embedded Markov language, or 'stdlib': a character corpus built from this "
+                   "Python's standard-library source (no download; validation loss on a fixed split)")
     p.add_argument("--vocab", type=int, default=16, help="embedded language: vocabulary (default 16)")
     p.add_argument("--order", type=int, default=2, help="embedded language: Markov order (default 2)")
     p.add_argument("--seed", type=int, default=0, help="model init and data seed")
@@ -85,6 +86,8 @@ def world_from_env() -> int:
 def build_data(args):
     from gradwire.models.synthetic import MarkovLanguage, read_text
 
+    if args.data == "stdlib":  # built (and checked) in main; train on its training split
+        return args.corpus.train, len(args.corpus.vocab), None, args.corpus.name
     if args.data:
         tokens, chars = read_text(args.data)
         return tokens, len(chars), None, f"text:{os.path.basename(args.data)}"
@@ -137,7 +140,14 @@ def run_inprocess(args, ds_config, gw, gpt_cfg, tokens):
         _tick(bar, loss, pipe.wire_log.step_totals(step), (step + 1) * gas * micro * gpt_cfg.seq_len, t0)
     if bar:
         bar.close()
-    return losses, pipe.wire_log.rows, {"stages": stages, "mode": "in-process", "ranks": 1,
+    extra = {}
+    if getattr(args, "corpus", None) is not None:  # --data stdlib: loss on the held-out split
+        from gradwire.data.corpus import eval_windows
+
+        vx, vy = (t.to(device) for t in eval_windows(args.corpus.val, gpt_cfg.seq_len))
+        extra["val_loss"] = sum(pipe.evaluate(vx[i:i + 64], vy[i:i + 64]) * len(vx[i:i + 64])
+                                for i in range(0, len(vx), 64)) / len(vx)
+    return losses, pipe.wire_log.rows, {**extra, "stages": stages, "mode": "in-process", "ranks": 1,
                                         "device": str(device), "step_seconds": _step_seconds(t0, ends),
                                         "sparsity_allocations": pipe.allocations,
                                         "layer_ranges": pipe.ranges,
@@ -365,7 +375,15 @@ def main(argv=None) -> int:
             raise ConfigError("gradwire.codec.heterogeneous: allocating sparsity across boundaries "
                               "that live on different ranks is not implemented; run it with one "
                               "process (in-process stages) or set \"heterogeneous\": false")
-        if args.data and not os.path.isfile(args.data):
+        args.corpus = None
+        if args.data == "stdlib":
+            from gradwire.data.corpus import CorpusUnavailable, build_corpus
+
+            try:
+                args.corpus = build_corpus()
+            except CorpusUnavailable as e:
+                raise ConfigError(f"--data stdlib: {e}") from None
+        elif args.data and not os.path.isfile(args.data):
             raise ConfigError(f"--data {args.data!r} is not a file (pass a UTF-8 text file)")
         if args.baseline and not os.path.exists(args.baseline):
             raise ConfigError(f"--baseline {args.baseline!r} does not exist (pass a report.json)")
@@ -463,6 +481,8 @@ def _finish(args, gw, gpt_cfg, losses, rows, info, floor, data_name, elapsed, ds
     out = args.report_dir or gw.report_dir or os.path.join("reports", name)
     paths = write_report(out, rep, baseline)
     print(summary_table(rep, baseline))
+    if "val_loss" in info:
+        print(f"validation loss (held-out split): {info['val_loss']:.4f}")
     tpi = info.get("tensor_parallel") or {}
     if tpi.get("size", 1) > 1:
         # beside the pipeline-boundary bytes of the table: the TP backward all-reduces

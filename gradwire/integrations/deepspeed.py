@@ -51,6 +51,7 @@ def codec_from_spec(spec: CodecSpec) -> Codec:
 def _registry_config(spec: CodecSpec) -> dict[str, Any]:
     d = spec.to_dict()
     d.pop("heterogeneous", None)  # an allocation policy across boundaries, not a codec parameter
+    d.pop("min_cosine", None)  # a policy cap (BoundaryPolicy), not a codec parameter
     if d.get("name") == "nm":  # for communication, blocks over the flattened tensor: any shape
         d["dim"] = None
     return d
@@ -75,6 +76,7 @@ def make_policy(cfg: GradwireConfig, boundary: int):
     return BoundaryPolicy(PolicyConfig(codec=codec_from_spec(cfg.codec_for(boundary)),
                                        warmup_steps=cfg.warmup_steps, refresh_every=cfg.refresh_every,
                                        stats_every=cfg.stats_every,
+                                       min_cosine=cfg.codec_for(boundary).min_cosine,
                                        base_seed=cfg.seed, boundary_id=boundary))
 
 
