@@ -52,9 +52,19 @@ def test_burst_must_exceed_the_mtu():
         ShapedNamespace(rate_mbit=10, burst_bytes=1500)
 
 
+def _load_bench(name: str):
+    """Import bench/<name>.py without putting bench/ on sys.path: spawned workers inherit
+    sys.path, and bench/kernels.py would then shadow other packages' `import kernels`."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"gradwire_bench_{name}", os.path.join(ROOT, "bench", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def test_ideal_and_speedups_from_known_runs():
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    import slow_link
+    slow_link = _load_bench("slow_link")
 
     def row(variant, rate, step, nbytes, bps):
         return {"job": "pipeline", "variant": variant, "rate": rate, "namespace": True, "step_median_s": step,
